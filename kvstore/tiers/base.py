@@ -1,0 +1,86 @@
+"""The contract every tier meets: batch methods over 16-byte block keys.
+
+A tier owns its medium, its budget and its eviction order; the store decides lookup order,
+promotion and spill. Methods never raise for faults inside the tier (I/O errors, corrupt
+records): those become misses or dropped writes, reported through the return values and the
+tier's ``faults`` counters. Bad arguments raise ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from ..eviction import EntryMeta
+
+
+@dataclasses.dataclass(slots=True)
+class BlockEntry:
+    """One block to store: its key, its data, and its metadata."""
+
+    key: bytes
+    block: torch.Tensor
+    meta: EntryMeta
+
+
+@dataclasses.dataclass(slots=True)
+class Evicted:
+    """A block a tier dropped. ``block`` is valid only during the ``on_evict`` callback."""
+
+    key: bytes
+    meta: EntryMeta
+    block: torch.Tensor | None
+    reason: str  # "capacity" | "ttl" | "purge" | "corrupt"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TierUsage:
+    entries: int
+    bytes: int  # bytes counted against the budget (stored bytes; compressed on disk)
+    raw_bytes: int  # bytes of the blocks as tensors
+    budget: int
+
+
+EvictCallback = Callable[[list[Evicted]], None]
+
+
+class Tier(Protocol):
+    name: str
+
+    def contains_many(self, keys: Sequence[bytes], now: float, stop_at_miss: bool = False) -> list[bool]:
+        """Which keys the tier holds and would serve at ``now`` (expired ones are absent).
+
+        With ``stop_at_miss`` the list ends at the first False (a prefix scan).
+        """
+
+    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """Copies each held block into ``outs[i]``; False where it is missing or unreadable."""
+
+    def put_many(self, entries: Sequence[BlockEntry], now: float, on_evict: EvictCallback | None = None) -> list[bool]:
+        """Stores entries, evicting least recently used unpinned blocks to stay in budget.
+
+        ``on_evict`` sees the victims before their space is reused. Returns, per entry, whether it
+        is now held (False: no room, too big, or a fault: a dropped write).
+        """
+
+    def touch_many(self, keys: Sequence[bytes], now: float) -> None:
+        """Marks a chain of keys (parent first) as used at ``now``; unknown keys are ignored."""
+
+    def pin_many(self, keys: Sequence[bytes], until: float) -> int:
+        """Exempts held keys from eviction and expiry until ``until``; returns how many are held."""
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        """Removes keys; returns how many were held."""
+
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
+        """Removes every entry ``select`` accepts (pins ignored: an operator's purge wins)."""
+
+    def expire(self, now: float) -> list[Evicted]:
+        """Removes entries idle past the tier's TTL."""
+
+    def usage(self) -> TierUsage: ...
+
+    def close(self) -> None: ...

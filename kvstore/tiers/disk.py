@@ -1,0 +1,513 @@
+"""DiskTier: cold blocks as compressed, checksummed records in one LMDB environment.
+
+Every LMDB rule of the project lives in this file:
+- each transaction is a ``with env.begin(...)`` block; read transactions stay short;
+- ``buffers=True`` values are decoded (copied) before their transaction ends;
+- ``writemap=True`` (measured fastest for large values), with the data file preallocated by
+  ``posix_fallocate`` before the map grows, so a full disk fails the growth cleanly instead of
+  raising SIGBUS on a write into a sparse hole;
+- ``set_mapsize`` only outside transactions, on ``MapFullError`` (grow) and ``MapResizedError``
+  (another process grew it);
+- ``reader_check()`` at open clears reader slots of killed processes;
+- never ``readahead=False`` (measured 30 MB/s cold);
+- the environment belongs to the process that opened it: a forked child reopens it.
+
+Databases: ``records`` key -> codec record; ``meta`` key -> packed EntryMeta; ``lru`` eviction
+rank || key -> b""; ``info`` store-wide counters and the format version; ``namespaces`` id ->
+name. Budget: the sum of ``entry_cost`` over entries never exceeds ``capacity_bytes``; the data
+file itself is capped at ``2 * capacity_bytes + 64 MiB`` (room for copy-on-write pages).
+Last-access times of hits are kept in memory and written with the next write transaction, so a
+hit costs no write transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lmdb
+import torch
+
+from ..codec import Codec
+from ..errors import CorruptEntryError, IncompatibleFormatError, StoreOpenError
+from ..eviction import EntryMeta, is_expired, is_pinned, lru_rank
+from ..metrics import Metrics
+from .base import BlockEntry, Evicted, EvictCallback, TierUsage
+
+DISK_FORMAT_VERSION = 1
+_META = struct.Struct("<QIdddQQ16s")
+_U64 = struct.Struct("<Q")
+_NS = struct.Struct(">Q")
+_ENTRY_OVERHEAD = _META.size + 3 * 16 + 12 + 64  # keys, meta, lru row, LMDB node headers
+_MIN_MAP = 64 << 20
+_EXPIRE_BATCH = 1024  # expired entries removed per write transaction, to keep writes short
+
+
+def entry_cost(record_len: int) -> int:
+    """Bytes an entry counts against the disk budget."""
+    return record_len + _ENTRY_OVERHEAD
+
+
+def _pack_meta(m: EntryMeta) -> bytes:
+    return _META.pack(m.namespace_id, m.depth, m.created, m.last_access, m.pinned_until,
+                      m.raw_bytes, m.stored_bytes, m.parent.ljust(16, b"\0"))
+
+
+def _unpack_meta(buf) -> EntryMeta:
+    ns, depth, created, last, pinned, raw, stored, parent = _META.unpack(buf)
+    return EntryMeta(ns, depth, parent if depth else b"", created, last, raw, stored, pinned)
+
+
+@dataclasses.dataclass
+class _Totals:
+    used: int = 0
+    entries: int = 0
+    raw: int = 0
+
+
+class DiskTier:
+    """The disk tier.
+
+    Args:
+        path: directory of the LMDB environment (must exist).
+        capacity_bytes: budget of stored records (``entry_cost`` each).
+        ttl_s: idle time after which a block is no longer served.
+        codec: turns blocks into records and back.
+        metrics: sink for evictions, dropped writes, corrupt records and I/O errors.
+        readonly: open for reading only (tools inspecting a store).
+
+    Raises (at open):
+        StoreOpenError: the directory cannot be opened as an LMDB environment.
+        IncompatibleFormatError: the store was written by a newer format version.
+    """
+
+    name = "disk"
+
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int, ttl_s: float, codec: Codec,
+                 metrics: Metrics | None = None, readonly: bool = False):
+        self.path = Path(path)
+        self.capacity_bytes = capacity_bytes
+        self.map_cap = 2 * capacity_bytes + _MIN_MAP
+        self.ttl_s = ttl_s
+        self.codec = codec
+        self.metrics = metrics or Metrics()
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        self._pending: dict[bytes, float] = {}  # key -> last access not yet written
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._open()
+
+    # -- environment -------------------------------------------------------------------------
+    def _open(self) -> None:
+        data = self.path / "data.mdb"
+        size = data.stat().st_size if data.exists() else 0
+        try:
+            env = lmdb.open(
+                str(self.path), map_size=max(size, min(self.map_cap, _MIN_MAP)), max_dbs=8,
+                writemap=True, metasync=True, sync=True, readahead=True, max_readers=512,
+                readonly=self.readonly, lock=True, mode=0o600, create=not self.readonly,
+            )
+        except lmdb.Error as e:
+            raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
+        self._env, self._pid = env, os.getpid()
+        if not self.readonly:
+            self._reserve(env.info()["map_size"])
+        try:
+            env.reader_check()
+            self._records = env.open_db(b"records", create=not self.readonly)
+            self._meta = env.open_db(b"meta", create=not self.readonly)
+            self._lru = env.open_db(b"lru", create=not self.readonly)
+            self._info = env.open_db(b"info", create=not self.readonly)
+            self._names = env.open_db(b"namespaces", create=not self.readonly)
+        except lmdb.Error as e:
+            env.close()
+            raise StoreOpenError(f"{self.path}: not a kvstore disk tier ({e})") from None
+        with env.begin(write=not self.readonly) as txn:
+            raw = txn.get(b"format", db=self._info)
+            version = _U64.unpack(raw)[0] if raw else None
+            if version is not None and version > DISK_FORMAT_VERSION:
+                env.close()
+                raise IncompatibleFormatError(
+                    f"{self.path}: written by disk format version {version}; this kvstore reads "
+                    f"up to {DISK_FORMAT_VERSION}: upgrade kvstore or use another path"
+                )
+            if version is None and not self.readonly:
+                txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=self._info)
+
+    def _check_pid(self) -> None:
+        # LMDB environments must not cross fork(): a child reopens its own.
+        if self._pid != os.getpid():
+            self._pending.clear()
+            self._open()
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Allocates the data file's blocks up to ``nbytes``; False when the disk is full."""
+        try:
+            fd = os.open(self.path / "data.mdb", os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return True  # the filesystem cannot reserve: carry on as LMDB would
+            self.metrics.add("io_errors", tier=self.name)
+            return False
+        return True
+
+    def _grow(self) -> bool:
+        """Doubles the map up to ``map_cap``, reserving the file space first."""
+        current = self._env.info()["map_size"]
+        if current >= self.map_cap:
+            return False
+        new = min(self.map_cap, max(2 * current, _MIN_MAP))
+        if not self._reserve(new):
+            return False  # ENOSPC and friends: the disk is full; writes become drops
+        self._env.set_mapsize(new)
+        return True
+
+    def _write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
+        """Runs ``fn`` in a write transaction, growing the map on MapFullError.
+
+        ``fn`` may run more than once (an aborted transaction changed nothing).
+        """
+        for _ in range(32):
+            try:
+                with self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # adopt the size another process grew the map to
+            except lmdb.MapFullError:
+                if not self._grow():
+                    raise
+        raise lmdb.MapFullError("map could not be grown")  # pragma: no cover
+
+    def _read(self):
+        try:
+            return self._env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            return self._env.begin(buffers=True)
+
+    # -- reads -------------------------------------------------------------------------------
+    def _live_meta(self, txn, key: bytes, now: float) -> EntryMeta | None:
+        raw = txn.get(key, db=self._meta)
+        if raw is None:
+            return None
+        meta = _unpack_meta(raw)
+        meta.last_access = max(meta.last_access, self._pending.get(key, 0.0))
+        return None if is_expired(meta, now, self.ttl_s) else meta
+
+    def contains_many(self, keys: Sequence[bytes], now: float, stop_at_miss: bool = False) -> list[bool]:
+        out: list[bool] = []
+        with self._lock:
+            self._check_pid()
+            try:
+                with self._read() as txn:
+                    for key in keys:
+                        hit = self._live_meta(txn, key, now) is not None
+                        out.append(hit)
+                        if stop_at_miss and not hit:
+                            break
+            except lmdb.Error:
+                self.metrics.add("io_errors", tier=self.name)
+                return [False] * (1 if stop_at_miss else len(keys))
+        return out
+
+    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor], now: float | None = None) -> list[bool]:
+        """Decodes each record into ``outs[i]`` (CPU tensors); corrupt ones are removed."""
+        ok: list[bool] = []
+        corrupt: list[bytes] = []
+        with self._lock:
+            self._check_pid()
+            try:
+                with self._read() as txn:
+                    for key, out in zip(keys, outs):
+                        if now is not None and self._live_meta(txn, key, now) is None:
+                            ok.append(False)
+                            continue
+                        rec = txn.get(key, db=self._records)
+                        if rec is None:
+                            ok.append(False)
+                            continue
+                        try:
+                            self.codec.decode(rec, out)
+                            ok.append(True)
+                        except (CorruptEntryError, ValueError):
+                            corrupt.append(key)
+                            ok.append(False)
+            except lmdb.Error:
+                self.metrics.add("io_errors", tier=self.name)
+                ok += [False] * (len(keys) - len(ok))
+            if corrupt:
+                self.metrics.add("corrupt_records", len(corrupt), tier=self.name)
+                self._delete(corrupt, "corrupt")
+        return ok
+
+    def read_record(self, key: bytes) -> tuple[bytes, EntryMeta] | None:
+        """A copy of the raw record and its metadata (for tools), or None."""
+        with self._lock:
+            self._check_pid()
+            with self._read() as txn:
+                rec, raw = txn.get(key, db=self._records), txn.get(key, db=self._meta)
+                if rec is None or raw is None:
+                    return None
+                return bytes(rec), _unpack_meta(raw)
+
+    def entries(self) -> list[tuple[bytes, EntryMeta]]:
+        """Every entry's key and metadata, in key order (one read transaction)."""
+        with self._lock:
+            self._check_pid()
+            with self._read() as txn:
+                return [(bytes(k), _unpack_meta(v)) for k, v in txn.cursor(db=self._meta)]
+
+    def namespaces(self) -> dict[int, str]:
+        with self._lock:
+            self._check_pid()
+            with self._read() as txn:
+                return {_NS.unpack(bytes(k))[0]: bytes(v).decode()
+                        for k, v in txn.cursor(db=self._names)}
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            self._check_pid()
+            with self._read() as txn:
+                t = self._totals(txn)
+        return TierUsage(t.entries, t.used, t.raw, self.capacity_bytes)
+
+    # -- writes ------------------------------------------------------------------------------
+    def _totals(self, txn) -> _Totals:
+        raw = txn.get(b"totals", db=self._info)
+        return _Totals(*struct.unpack("<QQQ", raw)) if raw else _Totals()
+
+    def _save_totals(self, txn, t: _Totals) -> None:
+        txn.put(b"totals", struct.pack("<QQQ", t.used, t.entries, t.raw), db=self._info)
+
+    def _remove(self, txn, key: bytes, meta: EntryMeta, t: _Totals) -> None:
+        txn.delete(key, db=self._records)
+        txn.delete(key, db=self._meta)
+        txn.delete(lru_rank(meta.last_access, meta.depth) + key, db=self._lru)
+        t.used -= meta.stored_bytes
+        t.entries -= 1
+        t.raw -= meta.raw_bytes
+
+    def _set_meta(self, txn, key: bytes, old: EntryMeta | None, new: EntryMeta) -> None:
+        if old is not None:
+            txn.delete(lru_rank(old.last_access, old.depth) + key, db=self._lru)
+        txn.put(lru_rank(new.last_access, new.depth) + key, b"", db=self._lru)
+        txn.put(key, _pack_meta(new), db=self._meta)
+
+    def _apply_touches(self, txn, touches: dict[bytes, float]) -> None:
+        for key, ts in touches.items():
+            raw = txn.get(key, db=self._meta)
+            if raw is None:
+                continue
+            old = _unpack_meta(raw)
+            if ts > old.last_access:
+                self._set_meta(txn, key, old, dataclasses.replace(old, last_access=ts))
+
+    def _lru_scan(self, txn, now: float, skip: set[bytes]):
+        """Unpinned (key, meta) in eviction order, excluding ``skip``."""
+        for rank_key, _ in txn.cursor(db=self._lru):
+            key = bytes(rank_key[-16:])
+            if key in skip:
+                continue
+            raw = txn.get(key, db=self._meta)
+            if raw is None:  # pragma: no cover - lru and meta change together
+                continue
+            meta = _unpack_meta(raw)
+            if not is_pinned(meta, now):
+                yield key, meta
+
+    def _expire_in(self, txn, now: float, t: _Totals, limit: int) -> list[Evicted]:
+        gone = []
+        for key, meta in self._lru_scan(txn, now, set()):
+            if len(gone) >= limit or not is_expired(meta, now, self.ttl_s):
+                break
+            gone.append(Evicted(key, meta, None, "ttl"))
+        for ev in gone:
+            self._remove(txn, ev.key, ev.meta, t)
+        return gone
+
+    def put_many(self, entries: Sequence[BlockEntry], now: float,
+                 on_evict: EvictCallback | None = None, namespaces: dict[int, str] | None = None) -> list[bool]:
+        """Encodes and stores ``entries`` in one write transaction (see ``Tier.put_many``).
+
+        Entries are taken in order and are expected parent first: when the budget cannot hold
+        them all, the tail (the deepest blocks) is dropped and counted.
+        """
+        if self.readonly:
+            raise PermissionError(f"{self.path}: disk tier opened read-only")
+        records = []
+        for e in entries:
+            rec = self.codec.encode(e.block)
+            e.meta.stored_bytes = entry_cost(len(rec))
+            records.append(rec)
+        with self._lock:
+            self._check_pid()
+            touches = dict(self._pending)
+            try:
+                stored, evicted = self._write(
+                    lambda txn: self._put_txn(txn, entries, records, now, touches, namespaces or {}))
+            except (lmdb.Error, OSError):
+                self.metrics.add("io_errors", tier=self.name)
+                return [False] * len(entries)
+            for key, ts in touches.items():
+                if self._pending.get(key) == ts:
+                    del self._pending[key]
+        self._report(evicted, on_evict)
+        return stored
+
+    def _put_txn(self, txn, entries, records, now, touches, namespaces):
+        evicted: list[Evicted] = []
+        t = self._totals(txn)
+        self._apply_touches(txn, touches)
+        evicted += self._expire_in(txn, now, t, _EXPIRE_BATCH)
+        present = [txn.get(e.key, db=self._meta) is not None for e in entries]
+        new_cost = sum(e.meta.stored_bytes for e, p in zip(entries, present) if not p)
+        batch = {e.key for e in entries}
+        # Keep as many entries (parent first) as the budget allows, then free exactly that room.
+        keep = len(entries)
+        while keep and new_cost > self.capacity_bytes:
+            keep -= 1
+            if not present[keep]:
+                new_cost -= entries[keep].meta.stored_bytes
+        need = t.used + new_cost - self.capacity_bytes
+        if need > 0:
+            victims = []
+            for key, meta in self._lru_scan(txn, now, batch):
+                if need <= 0:
+                    break
+                victims.append(Evicted(key, meta, None, "capacity"))
+                need -= meta.stored_bytes
+            while need > 0 and keep:  # pinned blocks fill the budget: drop the tail instead
+                keep -= 1
+                if not present[keep]:
+                    need -= entries[keep].meta.stored_bytes
+            for ev in victims:
+                self._remove(txn, ev.key, ev.meta, t)
+            evicted += victims
+        stored = []
+        for i, (e, rec) in enumerate(zip(entries, records)):
+            if present[i]:
+                stored.append(True)
+                continue
+            if i >= keep:
+                stored.append(False)
+                continue
+            txn.put(e.key, rec, db=self._records)
+            self._set_meta(txn, e.key, None, e.meta)
+            t.used += e.meta.stored_bytes
+            t.entries += 1
+            t.raw += e.meta.raw_bytes
+            stored.append(True)
+        for ns_id, name in namespaces.items():
+            txn.put(_NS.pack(ns_id), name.encode(), db=self._names, overwrite=False)
+        self._save_totals(txn, t)
+        return stored, evicted
+
+    def _report(self, evicted: list[Evicted], on_evict: EvictCallback | None) -> None:
+        for reason in {ev.reason for ev in evicted}:
+            self.metrics.add("evictions", sum(ev.reason == reason for ev in evicted),
+                             tier=self.name, reason=reason)
+        if on_evict is not None and evicted:
+            on_evict(evicted)
+
+    def touch_many(self, keys: Sequence[bytes], now: float) -> None:
+        with self._lock:
+            for key in keys:
+                self._pending[key] = now
+
+    def flush(self) -> None:
+        """Writes pending last-access times (one write transaction)."""
+        if self.readonly:
+            return
+        with self._lock:
+            self._check_pid()
+            if not self._pending:
+                return
+            touches = dict(self._pending)
+            try:
+                self._write(lambda txn: self._apply_touches(txn, touches))
+            except (lmdb.Error, OSError):
+                self.metrics.add("io_errors", tier=self.name)
+                return
+            for key, ts in touches.items():
+                if self._pending.get(key) == ts:
+                    del self._pending[key]
+
+    def pin_many(self, keys: Sequence[bytes], until: float) -> int:
+        def txn_fn(txn):
+            n = 0
+            for key in keys:
+                raw = txn.get(key, db=self._meta)
+                if raw is not None:
+                    old = _unpack_meta(raw)
+                    txn.put(key, _pack_meta(dataclasses.replace(
+                        old, pinned_until=max(old.pinned_until, until))), db=self._meta)
+                    n += 1
+            return n
+        with self._lock:
+            self._check_pid()
+            return self._write(txn_fn)
+
+    def _delete(self, keys: Sequence[bytes], reason: str) -> list[Evicted]:
+        def txn_fn(txn):
+            t, gone = self._totals(txn), []
+            for key in keys:
+                raw = txn.get(key, db=self._meta)
+                if raw is not None:
+                    meta = _unpack_meta(raw)
+                    self._remove(txn, key, meta, t)
+                    gone.append(Evicted(key, meta, None, reason))
+            self._save_totals(txn, t)
+            return gone
+        with self._lock:
+            self._check_pid()
+            for key in keys:
+                self._pending.pop(key, None)
+            try:
+                gone = self._write(txn_fn)
+            except (lmdb.Error, OSError):
+                self.metrics.add("io_errors", tier=self.name)
+                return []
+        self._report(gone, None)
+        return gone
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        return len(self._delete(keys, "purge"))
+
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
+        chosen = [k for k, m in self.entries() if select(k, m)]
+        gone = []
+        for i in range(0, len(chosen), 4096):  # bounded write transactions
+            gone += self._delete(chosen[i:i + 4096], "purge")
+        return gone
+
+    def expire(self, now: float) -> list[Evicted]:
+        def txn_fn(txn):
+            t = self._totals(txn)
+            gone = self._expire_in(txn, now, t, 1 << 62)
+            self._save_totals(txn, t)
+            return gone
+        with self._lock:
+            self._check_pid()
+            touches = dict(self._pending)
+            self._pending.clear()
+            self._write(lambda txn: self._apply_touches(txn, touches))
+            gone = self._write(txn_fn)
+        self._report(gone, None)
+        return gone
+
+    def close(self) -> None:
+        with self._lock:
+            if self._env is not None and self._pid == os.getpid():
+                self.flush()
+                self._env.close()
+            self._env = None

@@ -1,0 +1,124 @@
+import msgpack
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.codec import MAGIC, Codec
+from kvstore.errors import CorruptEntryError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+          torch.int8, torch.uint8]
+CODECS = [Codec("zstd", 1, True), Codec("zstd", 3, False), Codec("none", 1, True)]
+
+
+def sample(dtype, shape=(3, 2, 5, 16, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype in (torch.int8, torch.uint8):
+        return torch.randint(-128 if dtype == torch.int8 else 0, 128, shape, generator=g, dtype=dtype)
+    x = torch.randn(shape, generator=g) * 3
+    x.view(-1)[:4] = torch.tensor([0.0, -0.0, float("inf"), float("nan")])  # odd values survive too
+    return x.to(dtype)
+
+
+def bits(t):
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["zstd-split", "zstd3-plain", "raw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_is_bit_exact(codec, dtype):
+    x = sample(dtype)
+    rec = codec.encode(x)
+    y = codec.decode(rec)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(bits(x), bits(y))
+    out = torch.empty_like(x)
+    assert codec.decode(memoryview(rec), out) is out
+    assert torch.equal(bits(out), bits(x))
+
+
+def test_non_contiguous_input_is_encoded_by_value():
+    x = sample(torch.bfloat16).transpose(0, 1)
+    assert torch.equal(bits(Codec().decode(Codec().encode(x))), bits(x.contiguous()))
+
+
+def test_byte_split_compresses_kv_like_bf16_better():
+    x = (torch.randn(30, 2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.3).to(torch.bfloat16)
+    split, plain = len(Codec("zstd", 1, True).encode(x)), len(Codec("zstd", 1, False).encode(x))
+    assert split < plain < x.numel() * 2
+
+
+def test_header_describes_the_record():
+    x = sample(torch.bfloat16)
+    h = Codec.read_header(Codec("zstd", 1, True).encode(x))
+    assert h["dtype"] == "bfloat16" and h["shape"] == tuple(x.shape) and h["codec"] == "zstd"
+    assert h["planes"] == 2 and h["n"] == x.numel() * 2 and h["level"] == 1
+
+
+def _corruptions(rec: bytes):
+    hlen = int.from_bytes(rec[4:6], "little")
+    payload_at = 10 + hlen
+    yield "flipped payload byte", rec[:payload_at + 10] + bytes([rec[payload_at + 10] ^ 0x40]) + rec[payload_at + 11:]
+    yield "flipped last byte", rec[:-1] + bytes([rec[-1] ^ 1])
+    yield "truncated payload", rec[:-7]
+    yield "truncated header", rec[:8]
+    yield "empty", b""
+    yield "bad magic", b"XXXX" + rec[4:]
+    yield "trailing garbage", rec + b"\x00" * 5
+    h = msgpack.unpackb(rec[10:payload_at])
+    for field, value in [("v", 99), ("shape", [1, 2]), ("dtype", "complex64"), ("planes", 3)]:
+        yield f"header {field}", _with_header({**h, field: value}, rec[payload_at:])
+
+
+def _with_header(header: dict, payload: bytes) -> bytes:
+    """A record with a rewritten header whose own checksum is valid (a wrong writer, not bit rot)."""
+    import xxhash
+    raw = msgpack.packb(header)
+    return MAGIC + len(raw).to_bytes(2, "little") + xxhash.xxh32_intdigest(raw).to_bytes(4, "little") + raw + payload
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["zstd-split", "zstd3-plain", "raw"])
+def test_damaged_records_raise_corrupt_entry_error(codec):
+    rec = codec.encode(sample(torch.bfloat16))
+    for what, bad in _corruptions(rec):
+        with pytest.raises(CorruptEntryError):
+            codec.decode(bad)
+            pytest.fail(f"{what}: decoded without error")
+
+
+def test_wrong_version_names_the_versions():
+    rec = Codec().encode(sample(torch.float16))
+    hlen = int.from_bytes(rec[4:6], "little")
+    bad = _with_header({**msgpack.unpackb(rec[10:10 + hlen]), "v": 7}, rec[10 + hlen:])
+    with pytest.raises(CorruptEntryError, match="version 7"):
+        Codec().decode(bad)
+
+
+def test_out_of_the_wrong_shape_is_a_value_error():
+    rec = Codec().encode(sample(torch.float16))
+    with pytest.raises(ValueError, match="expected a contiguous tensor of shape"):
+        Codec().decode(rec, torch.empty(4, dtype=torch.float16))
+
+
+def test_unsupported_dtype_is_a_value_error():
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        Codec().encode(torch.zeros(3, dtype=torch.complex64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_only_raise_corrupt_entry_error(data):
+    with pytest.raises(CorruptEntryError):
+        Codec().decode(data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10**9), st.data())
+def test_any_single_byte_flip_is_detected(seed, data):
+    codec = Codec()
+    rec = bytearray(codec.encode(sample(torch.bfloat16, shape=(2, 2, 8, 4), seed=seed % 1000)))
+    i = data.draw(st.integers(0, len(rec) - 1))
+    rec[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(CorruptEntryError):
+        codec.decode(bytes(rec))
