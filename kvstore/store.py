@@ -74,12 +74,12 @@ class Match:
 
 def _prepare_dir(path: Path) -> None:
     """Creates the store directory owner-only, or checks an existing one is safe to use."""
+    if path.exists() and not path.is_dir():
+        raise StoreOpenError(f"{path}: exists and is not a directory")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise StoreOpenError(f"{path}: cannot create the store directory: {e.strerror or e}") from None
-    if not path.is_dir():
-        raise StoreOpenError(f"{path}: exists and is not a directory")
     st = path.stat()
     if st.st_uid != os.getuid():
         raise StoreOpenError(
@@ -164,8 +164,9 @@ class KVStore:
                 self._fix_layout(tuple(b.shape), b.dtype)
             if tuple(b.shape) != self.block_shape or b.dtype != self.dtype:
                 raise ValueError(
-                    f"blocks[{i}]: expected shape {self.block_shape} and dtype {self.dtype} "
-                    f"(fixed when the store first saw a block), got {tuple(b.shape)} and {b.dtype}"
+                    f"blocks[{i}]: expected shape {self.block_shape} and dtype "
+                    f"{dtype_name(self.dtype)} (the store's block layout), got "
+                    f"{tuple(b.shape)} and {str(b.dtype).removeprefix('torch.')}"
                 )
 
     # -- public API --------------------------------------------------------------------------

@@ -371,7 +371,7 @@ class DiskTier:
         evicted += self._expire_in(txn, now, t, _EXPIRE_BATCH)
         present = [txn.get(e.key, db=self._meta) is not None for e in entries]
         new_cost = sum(e.meta.stored_bytes for e, p in zip(entries, present) if not p)
-        batch = {e.key for e in entries}
+        batch = self._protected(txn, entries)
         # Keep as many entries (parent first) as the budget allows, then free exactly that room.
         keep = len(entries)
         while keep and new_cost > self.capacity_bytes:
@@ -411,6 +411,17 @@ class DiskTier:
             txn.put(_NS.pack(ns_id), name.encode(), db=self._names, overwrite=False)
         self._save_totals(txn, t)
         return stored, evicted
+
+    def _protected(self, txn, entries) -> set[bytes]:
+        """The batch and every ancestor of it: evicting a parent would orphan the batch."""
+        keep = {e.key for e in entries}
+        for e in entries:
+            parent = e.meta.parent
+            while parent and parent not in keep:
+                keep.add(parent)
+                raw = txn.get(parent, db=self._meta)
+                parent = _unpack_meta(raw).parent if raw is not None else b""
+        return keep
 
     def _report(self, evicted: list[Evicted], on_evict: EvictCallback | None) -> None:
         for reason in {ev.reason for ev in evicted}:

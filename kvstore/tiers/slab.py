@@ -100,7 +100,7 @@ class SlabTier:
             new = [e for e in entries if e.key not in self._slot_of]
             need = len(new) - len(self._free)
             if need > 0:
-                protect = {e.key for e in entries}  # never evict a block of the batch itself
+                protect = self._protected(entries)
                 victims = [k for k in self._index.victims(now) if k not in protect][:need]
                 self._drop(victims, "capacity", on_evict)
             for e in new:
@@ -112,6 +112,17 @@ class SlabTier:
                 e.meta.stored_bytes = self.block_nbytes
                 self._index.add(e.key, dataclasses.replace(e.meta))
             return [e.key in self._slot_of for e in entries]
+
+    def _protected(self, entries: Sequence[BlockEntry]) -> set[bytes]:
+        """The batch and every ancestor of it: evicting a parent would orphan the batch."""
+        keep = {e.key for e in entries}
+        for e in entries:
+            parent = e.meta.parent
+            while parent and parent not in keep:
+                keep.add(parent)
+                meta = self._index.get(parent)
+                parent = meta.parent if meta is not None else b""
+        return keep
 
     def _drop(self, keys: Sequence[bytes], reason: str, on_evict: EvictCallback | None) -> list[Evicted]:
         """Removes ``keys``; ``on_evict`` sees them while their slots still hold the data."""
