@@ -90,6 +90,10 @@ class StoreMachine(RuleBasedStateMachine):
         for i, block in enumerate(got):
             assert torch.equal(block.view(torch.int16), data_of(path[:i + 1]).view(torch.int16))
         assert m.num_tokens == m.num_blocks * B <= len(path) * B
+        self.matched(path, m.num_blocks)
+
+    def matched(self, path, n):
+        """Hook: the store touched the first ``n`` blocks of ``path``."""
 
     @invariant()
     def budgets_hold_and_parents_outlive_children(self):
@@ -128,9 +132,12 @@ class ExactDiskModel(StoreMachine):
         for i in range(len(path)):
             if path[:i + 1] in self.model:
                 self.model[path[:i + 1]].last = now
-        for p in [p for p, e in self.model.items() if not e.live(now)]:
-            del self.model[p]
         new = [path[:i + 1] for i in range(start, len(path)) if path[:i + 1] not in self.model]
+        if not new:
+            assert n == 0  # only touches: no write transaction, so no expiry sweep either
+            return
+        for p in [p for p, e in self.model.items() if not e.live(now)]:
+            del self.model[p]  # the write transaction sweeps expired entries first
         keep = min(len(new), CAPACITY)
         need = len(self.model) + keep - CAPACITY
         protected = {path[:i + 1] for i in range(len(path))}
@@ -149,7 +156,11 @@ class ExactDiskModel(StoreMachine):
     def match(self, path, tail):
         expect = self.live_prefix(path)
         assert self.store.match(tokens_of(path, tail)).num_blocks == expect
-        for i in range(expect):
+        self.matched(path, expect)
+
+    def matched(self, path, n):
+        assert n == self.live_prefix(path)
+        for i in range(n):
             self.model[path[:i + 1]].last = self.clock.now
 
     @rule(path=paths, ttl=st.sampled_from([10.0, 200.0, 1000.0]))
