@@ -1,0 +1,279 @@
+"""Benchmarks: ``python -m tools.bench {tiers} [--json] [--quick]``.
+
+Every figure is printed beside the machine's own limit measured in the same run (numpy copies
+into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
+between machines. Nothing here is a test: targets are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+
+from kvstore import KVStore, StoreConfig, keys
+from kvstore.codec import Codec, aligned_empty, byte_view
+from kvstore.eviction import EntryMeta
+from kvstore.metrics import Metrics
+from kvstore.tiers.base import BlockEntry
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.slab import SlabTier
+
+MiB = 1 << 20
+
+
+def best(fn: Callable[[], object], repeat: int = 5, setup: Callable[[], object] | None = None) -> float:
+    """Best wall time of ``repeat`` runs (the machine's capability, not its noise); ``setup``
+    runs untimed before each."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def drop_page_cache(path: Path) -> str:
+    """Evicts ``path``'s files from the page cache; returns how ('drop_caches' or 'fadvise')."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return "drop_caches"
+    except OSError:
+        for f in path.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
+
+
+# -- real KV ----------------------------------------------------------------------------------
+def real_kv(dtype: torch.dtype, num_blocks: int, block_tokens: int = 64) -> list[torch.Tensor]:
+    """KV blocks of SmolLM2-135M-Instruct computed on a real document, in ``dtype``."""
+    from engine_adapter import hf_model
+    from engine_adapter.scenarios import DOCUMENT
+
+    model, tok = hf_model.load_model(dtype=torch.float32)
+    layout = hf_model.KVLayout.of(model)
+    ids = tok(DOCUMENT * 4)["input_ids"][: num_blocks * block_tokens]
+    res = hf_model.greedy_generate(model, ids + [ids[-1]], max_new_tokens=1)
+    blocks = hf_model.blocks_from_cache(res.cache, layout, 0, len(ids) // block_tokens, block_tokens)
+    return [b.to(dtype) for b in blocks]  # the model's KV rounded as an engine in dtype holds it
+
+
+def big_blocks(blocks: list[torch.Tensor], nbytes: int, count: int) -> list[torch.Tensor]:
+    """``count`` blocks of ``nbytes`` each, filled with the real KV values (tiled)."""
+    flat = torch.cat([b.reshape(-1) for b in blocks])
+    n = nbytes // flat.element_size()
+    reps = -(-n * count // flat.numel())
+    data = flat.repeat(reps)
+    # Offset each block so no two are byte-identical (zstd would otherwise see repeats).
+    return [data[i * (n // 7) % (data.numel() - n):][:n].clone().reshape(32, 2, 8, -1, 128)
+            for i in range(count)]
+
+
+# -- measurements -----------------------------------------------------------------------------
+def bench_host(blocks: list[torch.Tensor]) -> dict:
+    n, nbytes = len(blocks), blocks[0].numel() * blocks[0].element_size()
+    tier = SlabTier("host", n * nbytes, 3600.0)
+    tier.configure(tuple(blocks[0].shape), blocks[0].dtype)
+    metas = [EntryMeta(1, i, b"", 0.0, 0.0, nbytes) for i in range(n)]
+    keys_ = [i.to_bytes(16, "little") for i in range(n)]
+    entries = [BlockEntry(k, b, m) for k, b, m in zip(keys_, blocks, metas)]
+
+    outs = [torch.empty_like(b) for b in blocks]
+    for o in outs:
+        o.zero_()
+    put_s = best(lambda: tier.put_many(entries, 1.0), setup=lambda: tier.delete_many(keys_))
+    get_s = best(lambda: tier.get_many(keys_, outs))
+    assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
+    dst = aligned_empty(n * nbytes)
+    dst[:] = 0
+    srcs = [byte_view(b) for b in blocks]
+
+    def copyto():
+        for i, s in enumerate(srcs):
+            np.copyto(dst[i * nbytes:(i + 1) * nbytes], s)
+
+    ref_s = best(copyto)
+    total = n * nbytes
+    return {"put_GBps": total / put_s / 1e9, "get_GBps": total / get_s / 1e9,
+            "copyto_GBps": total / ref_s / 1e9, "put_ratio": ref_s / put_s, "get_ratio": ref_s / get_s}
+
+
+def bench_disk(blocks: list[torch.Tensor], workdir: Path, level: int = 1) -> dict:
+    n, nbytes = len(blocks), blocks[0].numel() * blocks[0].element_size()
+    total = n * nbytes
+    codec = Codec("zstd", level, True)
+    keys_ = [i.to_bytes(16, "little") for i in range(n)]
+    # kvstore disk tier: encode + durable LMDB commit, 64 blocks a transaction
+    tdir = workdir / "tier"
+    tdir.mkdir()
+    tier = DiskTier(tdir, 4 * total + 64 * MiB, 86400.0, codec, Metrics())
+    t = time.perf_counter()
+    for i in range(0, n, 64):
+        entries = [BlockEntry(keys_[j], blocks[j], EntryMeta(1, j, b"", 1.0, 1.0, nbytes))
+                   for j in range(i, min(n, i + 64))]
+        assert all(tier.put_many(entries, 1.0))
+    put_s = time.perf_counter() - t
+    stored = tier.usage().bytes
+    tier.close()
+    how = drop_page_cache(tdir)
+    tier = DiskTier(tdir, 4 * total + 64 * MiB, 86400.0, codec, Metrics())
+    outs = [torch.empty_like(b).zero_() for b in blocks]
+    t = time.perf_counter()
+    ok = tier.get_many(keys_, outs)
+    get_s = time.perf_counter() - t
+    assert all(ok) and all(torch.equal(o, b) for o, b in zip(outs, blocks))
+    tier.close()
+
+    # raw LMDB: the same bytes, uncompressed, same flags, 64 puts a transaction
+    rdir = workdir / "raw"
+    rdir.mkdir()
+    env = lmdb.open(str(rdir), map_size=4 * total + 64 * MiB, writemap=True, metasync=True, sync=True)
+    raws = [byte_view(b) for b in blocks]
+    t = time.perf_counter()
+    for i in range(0, n, 64):
+        with env.begin(write=True) as txn:
+            for j in range(i, min(n, i + 64)):
+                txn.put(keys_[j], raws[j])
+    raw_put_s = time.perf_counter() - t
+    env.close()
+    drop_page_cache(rdir)
+    env = lmdb.open(str(rdir), map_size=4 * total + 64 * MiB, writemap=True, readonly=False)
+    dst = aligned_empty(nbytes)
+    t = time.perf_counter()
+    with env.begin(buffers=True) as txn:
+        for k in keys_:
+            np.copyto(dst, np.frombuffer(txn.get(k), dtype=np.uint8))
+    raw_get_s = time.perf_counter() - t
+    env.close()
+    return {
+        "store_GBps": total / put_s / 1e9, "raw_lmdb_put_GBps": total / raw_put_s / 1e9,
+        "store_ratio": raw_put_s / put_s,
+        "cold_load_GBps": total / get_s / 1e9, "raw_lmdb_cold_get_GBps": total / raw_get_s / 1e9,
+        "cold_load_ratio": raw_get_s / get_s, "stored_MiB": stored / MiB, "cache_drop": how,
+    }
+
+
+def bench_codec(blocks: list[torch.Tensor]) -> dict:
+    codec = Codec("zstd", 1, True)
+    total = sum(b.numel() * b.element_size() for b in blocks)
+    recs = [codec.encode(b) for b in blocks]
+    enc_s = best(lambda: [codec.encode(b) for b in blocks], 3)
+    outs = [torch.empty_like(b) for b in blocks]
+    dec_s = best(lambda: [codec.decode(r, o) for r, o in zip(recs, outs)], 3)
+    plain = sum(len(Codec("zstd", 1, False).encode(b)) for b in blocks)
+    return {"ratio": total / sum(map(len, recs)), "ratio_without_split": total / plain,
+            "compress_MBps": total / enc_s / 1e6, "decompress_MBps": total / dec_s / 1e6}
+
+
+def bench_match(workdir: Path, prompt_tokens: int = 131072, block_tokens: int = 64) -> dict:
+    """Median ``match`` time of a prompt whose every block is on disk (host tier off).
+
+    Block contents do not enter ``match`` (it reads keys and metadata only), so small blocks
+    stand in for full-size ones here.
+    """
+    cfg = StoreConfig(path=workdir / "match", host_bytes=0, disk_bytes="1GiB", block_tokens=block_tokens)
+    toks = np.random.default_rng(0).integers(0, 50_000, prompt_tokens).tolist()
+    blk = torch.zeros((1, 2, 1, block_tokens, 4), dtype=torch.bfloat16)
+    n = prompt_tokens // block_tokens
+    with KVStore.open(cfg) as s:
+        for i in range(0, n, 256):  # one put per 256 blocks, each extending the chain
+            s.put(toks[:(i + 256) * block_tokens], [blk] * min(256, n - i), start_block=i)
+        s.flush()
+        assert s.match(toks).num_blocks == n
+        times = []
+        for _ in range(30):
+            t = time.perf_counter()
+            m = s.match(toks)
+            times.append(time.perf_counter() - t)
+        assert m.blocks_by_tier == {"disk": n}
+        hash_s = min(best(lambda: keys.block_keys("ns", toks, block_tokens), 10) for _ in range(1))
+    return {"blocks": n, "match_ms_median": statistics.median(times) * 1e3,
+            "match_ms_best": min(times) * 1e3, "hash_ms": hash_s * 1e3}
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_tiers(args) -> dict:
+    n_small = 16 if args.quick else 64
+    n_big = 4 if args.quick else 24
+    print(f"computing real KV of SmolLM2-135M ({n_small} blocks of 64 tokens)...", file=sys.stderr)
+    kv = real_kv(torch.float32, n_small)
+    bf16 = [b.to(torch.bfloat16) for b in kv]
+    fp16 = [b.to(torch.float16) for b in kv]
+    results: dict = {"machine": {"cores": os.cpu_count()}}
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="kvstore-bench-"))
+    with tempfile.TemporaryDirectory(dir=base) as wd:
+        wd = Path(wd)
+        sets = {"smollm2_bf16_1.4MiB": bf16, "bf16_8MiB": big_blocks(bf16, 8 * MiB, n_big)}
+        for name, blocks in sets.items():
+            print(f"[{name}] host tier...", file=sys.stderr)
+            results.setdefault("host", {})[name] = bench_host(blocks)
+            print(f"[{name}] disk tier...", file=sys.stderr)
+            d = wd / name
+            d.mkdir()
+            results.setdefault("disk", {})[name] = bench_disk(blocks, d)
+        print("codec...", file=sys.stderr)
+        results["codec"] = {"bf16": bench_codec(bf16), "fp16": bench_codec(fp16)}
+        print("match of a 128k-token prompt...", file=sys.stderr)
+        results["match"] = bench_match(wd, 16384 if args.quick else 131072)
+    return results
+
+
+def print_tiers(r: dict) -> None:
+    print("host tier (put/get vs numpy.copyto into touched memory; target ratio >= 0.8)")
+    for name, h in r["host"].items():
+        print(f"  {name:22s} put {h['put_GBps']:6.2f} GB/s  get {h['get_GBps']:6.2f} GB/s  "
+              f"copyto {h['copyto_GBps']:6.2f} GB/s  ratios put {h['put_ratio']:.2f} get {h['get_ratio']:.2f}")
+    print("disk tier (raw KV GB/s vs raw LMDB of the same bytes, same run)")
+    for name, d in r["disk"].items():
+        print(f"  {name:22s} store {d['store_GBps']:5.2f} vs raw put {d['raw_lmdb_put_GBps']:5.2f} "
+              f"(ratio {d['store_ratio']:.2f});  cold load {d['cold_load_GBps']:5.2f} vs raw get "
+              f"{d['raw_lmdb_cold_get_GBps']:5.2f} (ratio {d['cold_load_ratio']:.2f}); cache drop: {d['cache_drop']}")
+    print("codec (zstd level 1, byte-plane split; targets bf16 >= 1.4, fp16 >= 1.12)")
+    for name, c in r["codec"].items():
+        print(f"  {name:5s} ratio {c['ratio']:.3f} (without split {c['ratio_without_split']:.3f})  "
+              f"compress {c['compress_MBps']:.0f} MB/s  decompress {c['decompress_MBps']:.0f} MB/s")
+    m = r["match"]
+    print(f"match, {m['blocks']} blocks all on disk: median {m['match_ms_median']:.2f} ms "
+          f"(best {m['match_ms_best']:.2f}; hashing {m['hash_ms']:.2f}); target <= 5 ms")
+
+
+COMMANDS = {"tiers": (cmd_tiers, print_tiers)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=sorted(COMMANDS))
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quick", action="store_true", help="fewer blocks: a smoke run, not figures")
+    p.add_argument("--workdir", help="directory for temporary stores (default: the system temp dir)")
+    args = p.parse_args(argv)
+    run, show = COMMANDS[args.command]
+    torch.set_grad_enabled(False)
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        show(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
