@@ -418,7 +418,7 @@ class KVStore:
 
     def purge(self, older_than_s: float | None = None, idle_longer_than_s: float | None = None,
               namespace: str | None = None, all: bool = False,
-              keys: Sequence[bytes] | None = None) -> int:
+              keys: Sequence[bytes] | None = None, dry_run: bool = False) -> int:
         """Removes blocks from every tier; criteria combine with AND. Pins do not protect.
 
         Args:
@@ -427,9 +427,10 @@ class KVStore:
             namespace: only blocks of this namespace.
             all: everything (alone, or with ``namespace``).
             keys: only these block keys.
+            dry_run: count what would be removed, remove nothing.
 
         Returns:
-            The number of distinct blocks removed.
+            The number of distinct blocks removed (or that would be).
 
         Raises:
             ValueError: no criterion given (``all=True`` is required to remove everything).
@@ -457,7 +458,10 @@ class KVStore:
                 self.disk.flush()  # pending last-access times decide idle purges
             removed: set[bytes] = set()
             for tier in self.tiers:
-                removed.update(ev.key for ev in tier.purge(select, now))
+                if dry_run:
+                    removed.update(k for k, m in tier.entries() if select(k, m))
+                else:
+                    removed.update(ev.key for ev in tier.purge(select, now))
         return len(removed)
 
     def expire(self) -> int:

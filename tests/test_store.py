@@ -279,3 +279,10 @@ def test_another_process_reads_and_purges_while_open(open_store, tmp_path, clock
     assert out.stdout.split() == ["3", "3", "3"]
     assert s.match(toks).num_blocks == 0  # the purge is visible to the open store
     assert s.put(toks, blocks_for(3)) == 3  # and it keeps working
+
+
+def test_purge_dry_run_removes_nothing(open_store):
+    s = open_store()
+    s.put(list(range(2 * B)), blocks_for(2))
+    assert s.purge(all=True, dry_run=True) == 2
+    assert s.match(list(range(2 * B))).num_blocks == 2

@@ -81,6 +81,9 @@ class Tier(Protocol):
     def expire(self, now: float) -> list[Evicted]:
         """Removes entries idle past the tier's TTL."""
 
+    def entries(self) -> list[tuple[bytes, EntryMeta]]:
+        """A snapshot of every entry's key and metadata."""
+
     def usage(self) -> TierUsage: ...
 
     def close(self) -> None: ...
