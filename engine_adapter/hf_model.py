@@ -168,12 +168,13 @@ def _convert_gguf(directory: Path, gguf: str, dtype: torch.dtype, convert_dir: P
         tokenizer.save_pretrained(tmp)
         (tmp / _CONVERT_STAMP).write_text(json.dumps(stamp))
         shutil.rmtree(convert_dir, ignore_errors=True)
-        # Rename is atomic: readers see the old checkpoint or the whole new one.
-        # It fails if a concurrent converter got there first; theirs is as good.
-        os.replace(tmp, convert_dir)
-    except OSError:
-        if not marker.exists():
-            raise
+        try:
+            # The stamp lands together with the files it vouches for.
+            os.replace(tmp, convert_dir)
+        except OSError:
+            # A concurrent converter renamed its copy in first; theirs is as good.
+            if not marker.exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return convert_dir
