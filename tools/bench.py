@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tools.bench {tiers} [--json] [--quick]``.
+"""Benchmarks: ``python -m tools.bench {tiers,ttft} [--json] [--quick]``.
 
 Every figure is printed beside the machine's own limit measured in the same run (numpy copies
 into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
@@ -209,6 +209,34 @@ def bench_match(workdir: Path, prompt_tokens: int = 131072, block_tokens: int = 
             "match_ms_best": min(times) * 1e3, "hash_ms": hash_s * 1e3}
 
 
+def bench_ttft(workdir: Path, lengths: tuple[int, ...], repeat: int) -> dict:
+    """Time to first token with all but the last block cached, against recompute, same run."""
+    from engine_adapter import hf_model
+    from engine_adapter.hf import CachedLM
+    from engine_adapter.scenarios import DOCUMENT
+
+    model, tok = hf_model.load_default_model()
+    ids_all = tok(DOCUMENT * 2)["input_ids"]
+    out = {}
+    for n in lengths:
+        ids = ids_all[:n]
+        cfg = StoreConfig(path=workdir / f"ttft{n}", host_bytes="1GiB", disk_bytes="4GiB")
+        with KVStore.open(cfg) as store:
+            lm = CachedLM(model, tok, store)
+            lm.generate(ids, max_new_tokens=1)  # warms the store
+            host = min(lm.generate(ids, max_new_tokens=1).ttft_s for _ in range(repeat))
+            hit = lm.generate(ids, max_new_tokens=1).usage["prompt_cache_hit_tokens"]
+        with KVStore.open(StoreConfig(path=workdir / f"ttft{n}", host_bytes=0, disk_bytes="4GiB")) as store:
+            disk = min(CachedLM(model, tok, store).generate(ids, max_new_tokens=1).ttft_s for _ in range(repeat))
+        plain = min(CachedLM(model, tok, None).generate(ids, max_new_tokens=1).ttft_s for _ in range(repeat))
+        one_pass = min(CachedLM(model, tok, None, prefill_chunk=None).generate(ids, max_new_tokens=1).ttft_s
+                       for _ in range(repeat))
+        out[n] = {"hit_tokens": hit, "cached_host_s": host, "cached_disk_s": disk, "recompute_s": plain,
+                  "recompute_one_pass_s": one_pass, "ratio_host": host / plain, "ratio_disk": disk / plain,
+                  "ratio_vs_one_pass": disk / one_pass}
+    return out
+
+
 # -- commands ---------------------------------------------------------------------------------
 def cmd_tiers(args) -> dict:
     n_small = 16 if args.quick else 64
@@ -255,7 +283,28 @@ def print_tiers(r: dict) -> None:
           f"(best {m['match_ms_best']:.2f}; hashing {m['hash_ms']:.2f}); target <= 5 ms")
 
 
-COMMANDS = {"tiers": (cmd_tiers, print_tiers)}
+def cmd_ttft(args) -> dict:
+    lengths = (1024,) if args.quick else (1024, 2048, 4096)
+    print(f"time to first token for prompts of {lengths} tokens (SmolLM2-135M, float32)...", file=sys.stderr)
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="kvstore-bench-"))
+    with tempfile.TemporaryDirectory(dir=base) as wd:
+        return {"ttft": bench_ttft(Path(wd), lengths, 1 if args.quick else 2)}
+
+
+def print_ttft(r: dict) -> None:
+    print("time to first token, all but the last block cached, vs recompute in the same run "
+          "(target ratio <= 0.2 at 4k)")
+    print(f"  {'tokens':>6s} {'hit':>5s} {'cached RAM':>10s} {'cached disk':>11s} {'recompute':>9s} "
+          f"{'ratio RAM':>9s} {'ratio disk':>10s}   {'recompute 1-pass':>16s} {'ratio disk vs 1-pass':>20s}")
+    for n, t in r["ttft"].items():
+        print(f"  {n:>6} {t['hit_tokens']:5d} {t['cached_host_s']:9.3f}s {t['cached_disk_s']:10.3f}s "
+              f"{t['recompute_s']:8.2f}s {t['ratio_host']:9.3f} {t['ratio_disk']:10.3f}   "
+              f"{t['recompute_one_pass_s']:15.2f}s {t['ratio_vs_one_pass']:20.3f}")
+    print("  recompute: block-aligned prefill passes (what the adapter runs, for bit-exact reuse);"
+          " 1-pass: one prefill pass")
+
+
+COMMANDS = {"tiers": (cmd_tiers, print_tiers), "ttft": (cmd_ttft, print_ttft)}
 
 
 def main(argv: list[str] | None = None) -> int:
