@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .codec import DTYPES as _TORCH_DTYPES
 from .errors import ConfigError
 
@@ -112,6 +114,13 @@ def _parse_shape(value: Any, key: str) -> tuple[int, ...]:
     return dims
 
 
+def _parse_device(value: Any) -> str:
+    text = str(value).strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text):
+        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
     """Everything a store needs to open.
@@ -120,9 +129,15 @@ class StoreConfig:
         path: directory of the store (created owner-only if missing).
         block_tokens: tokens per block; only full blocks are cached.
         namespace: default namespace for calls that pass none (see ``keys.make_namespace``).
+        device: torch device of the hot tier (``"auto"``: ``"cuda"`` when present, else ``"cpu"``).
+        device_bytes: budget of the device (hot) tier; 0 (the default) disables it.
         host_bytes: budget of the host (RAM) tier; 0 disables it.
         disk_bytes: budget of the disk tier's stored records; 0 disables it.
-        host_ttl_s / disk_ttl_s: idle time after which a block is no longer served.
+        device_ttl_s / host_ttl_s / disk_ttl_s: idle time after which a block is no longer served.
+        write_queue_bytes: staging memory of the write-behind queue; a put that finds it full
+            is dropped and counted, so ``put`` never waits for disk I/O.
+        io_threads: background threads that compress, write and load (zstd and LMDB release
+            the GIL, so 2 use both cores of a small machine).
         compression: ``"zstd"`` or ``"none"`` for disk records.
         zstd_level: zstd level (1 is the measured sweet spot: higher levels gain nothing on KV).
         byte_split: split 16/32-bit values into byte planes before compressing.
@@ -133,6 +148,9 @@ class StoreConfig:
     path: Path
     block_tokens: int = 64
     namespace: str = "default"
+    device: str = "auto"
+    device_bytes: int = 0
+    device_ttl_s: float = 3600.0
     host_bytes: int = 1 << 30
     disk_bytes: int = 16 << 30
     host_ttl_s: float = 3600.0
@@ -140,6 +158,8 @@ class StoreConfig:
     compression: str = "zstd"
     zstd_level: int = 1
     byte_split: bool = True
+    write_queue_bytes: int = 256 << 20
+    io_threads: int = 2
     block_shape: tuple[int, ...] | None = None
     dtype: str | None = None
 
@@ -150,6 +170,9 @@ class StoreConfig:
             "path": Path(os.path.expanduser(str(self.path))),
             "block_tokens": _parse_int(self.block_tokens, "block_tokens", 1, 1 << 20),
             "namespace": self.namespace,
+            "device": _parse_device(self.device),
+            "device_bytes": parse_size(self.device_bytes, "device_bytes"),
+            "device_ttl_s": parse_duration(self.device_ttl_s, "device_ttl_s"),
             "host_bytes": parse_size(self.host_bytes, "host_bytes"),
             "disk_bytes": parse_size(self.disk_bytes, "disk_bytes"),
             "host_ttl_s": parse_duration(self.host_ttl_s, "host_ttl_s"),
@@ -157,6 +180,8 @@ class StoreConfig:
             "compression": _parse_choice(self.compression, "compression", COMPRESSIONS),
             "zstd_level": _parse_int(self.zstd_level, "zstd_level", 1, 22),
             "byte_split": _parse_bool(self.byte_split, "byte_split"),
+            "write_queue_bytes": parse_size(self.write_queue_bytes, "write_queue_bytes"),
+            "io_threads": _parse_int(self.io_threads, "io_threads", 1, 64),
             "block_shape": None if self.block_shape is None
             else _parse_shape(self.block_shape, "block_shape"),
             "dtype": None if self.dtype is None else _parse_choice(str(self.dtype), "dtype", DTYPES),
@@ -165,6 +190,12 @@ class StoreConfig:
             raise ConfigError(f"namespace: expected a non-empty string, got {self.namespace!r}")
         for key, value in norm.items():
             object.__setattr__(self, key, value)
+
+    def resolved_device(self) -> str:
+        """The torch device of the device tier (``"auto"`` resolved)."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -99,10 +99,12 @@ class StoreMachine(RuleBasedStateMachine):
     def budgets_hold_and_parents_outlive_children(self):
         for name, u in self.store.stats()["tiers"].items():
             assert u["bytes"] <= u["budget"], name
-        disk = dict(self.store.disk.entries())
-        for key, meta in disk.items():
+        held = dict(self.store.disk.entries())
+        if self.store.host is not None:
+            held.update(self.store.host.entries())
+        for key, meta in held.items():
             if meta.depth:
-                assert meta.parent in disk, "a child outlived its parent"
+                assert meta.parent in held, "a child outlived its parent"
 
 
 class ExactDiskModel(StoreMachine):

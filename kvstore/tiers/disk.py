@@ -22,6 +22,7 @@ hit costs no write transaction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -63,6 +64,45 @@ def _unpack_meta(buf) -> EntryMeta:
     return EntryMeta(ns, depth, parent if depth else b"", created, last, raw, stored, pinned)
 
 
+class _RemapGate:
+    """Readers share; a remap (``set_mapsize``) is exclusive.
+
+    LMDB forbids changing the map while any transaction of the process is open (the mapping
+    moves under the readers' pointers). Read transactions run without the tier's lock, so they
+    hold this gate shared, and growth or adoption of another process's growth holds it alone.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._remapping = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._remapping)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._remapping)
+            self._remapping = True
+            self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._remapping = False
+                self._cond.notify_all()
+
+
 @dataclasses.dataclass
 class _Totals:
     used: int = 0
@@ -97,7 +137,8 @@ class DiskTier:
         self.codec = codec
         self.metrics = metrics or Metrics()
         self.readonly = readonly
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # writers, pending touches, reopen; never held by readers
+        self._gate = _RemapGate()
         self._pending: dict[bytes, float] = {}  # key -> last access not yet written
         self._env: lmdb.Environment | None = None
         self._pid = -1
@@ -169,7 +210,8 @@ class DiskTier:
         new = min(self.map_cap, max(2 * current, _MIN_MAP))
         if not self._reserve(new):
             return False  # ENOSPC and friends: the disk is full; writes become drops
-        self._env.set_mapsize(new)
+        with self._gate.exclusive():
+            self._env.set_mapsize(new)
         return True
 
     def _write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
@@ -182,18 +224,34 @@ class DiskTier:
                 with self._env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapResizedError:
-                self._env.set_mapsize(0)  # adopt the size another process grew the map to
+                self._adopt_map()
             except lmdb.MapFullError:
                 if not self._grow():
                     raise
         raise lmdb.MapFullError("map could not be grown")  # pragma: no cover
 
-    def _read(self):
-        try:
-            return self._env.begin(buffers=True)
-        except lmdb.MapResizedError:
+    def _adopt_map(self) -> None:
+        """Maps the size another process grew the file to."""
+        with self._gate.exclusive():
             self._env.set_mapsize(0)
-            return self._env.begin(buffers=True)
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """A short read transaction (``buffers=True``), run without the tier's lock."""
+        with self._lock:
+            self._check_pid()
+        for attempt in range(2):
+            with self._gate.shared():
+                try:
+                    txn = self._env.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    if attempt:
+                        raise
+                else:
+                    with txn:
+                        yield txn
+                    return
+            self._adopt_map()
 
     # -- reads -------------------------------------------------------------------------------
     def _live_meta(self, txn, key: bytes, now: float) -> EntryMeta | None:
@@ -206,79 +264,66 @@ class DiskTier:
 
     def contains_many(self, keys: Sequence[bytes], now: float, stop_at_miss: bool = False) -> list[bool]:
         out: list[bool] = []
-        with self._lock:
-            self._check_pid()
-            try:
-                with self._read() as txn:
-                    for key in keys:
-                        hit = self._live_meta(txn, key, now) is not None
-                        out.append(hit)
-                        if stop_at_miss and not hit:
-                            break
-            except lmdb.Error:
-                self.metrics.add("io_errors", tier=self.name)
-                return [False] * (1 if stop_at_miss else len(keys))
+        try:
+            with self._reading() as txn:
+                for key in keys:
+                    hit = self._live_meta(txn, key, now) is not None
+                    out.append(hit)
+                    if stop_at_miss and not hit:
+                        break
+        except lmdb.Error:
+            self.metrics.add("io_errors", tier=self.name)
+            return [False] * (1 if stop_at_miss else len(keys))
         return out
 
     def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor], now: float | None = None) -> list[bool]:
         """Decodes each record into ``outs[i]`` (CPU tensors); corrupt ones are removed."""
         ok: list[bool] = []
         corrupt: list[bytes] = []
-        with self._lock:
-            self._check_pid()
-            try:
-                with self._read() as txn:
-                    for key, out in zip(keys, outs):
-                        if now is not None and self._live_meta(txn, key, now) is None:
-                            ok.append(False)
-                            continue
-                        rec = txn.get(key, db=self._records)
-                        if rec is None:
-                            ok.append(False)
-                            continue
-                        try:
-                            self.codec.decode(rec, out)
-                            ok.append(True)
-                        except (CorruptEntryError, ValueError):
-                            corrupt.append(key)
-                            ok.append(False)
-            except lmdb.Error:
-                self.metrics.add("io_errors", tier=self.name)
-                ok += [False] * (len(keys) - len(ok))
-            if corrupt:
-                self.metrics.add("corrupt_records", len(corrupt), tier=self.name)
-                self._delete(corrupt, "corrupt")
+        try:
+            with self._reading() as txn:
+                for key, out in zip(keys, outs):
+                    if now is not None and self._live_meta(txn, key, now) is None:
+                        ok.append(False)
+                        continue
+                    rec = txn.get(key, db=self._records)
+                    if rec is None:
+                        ok.append(False)
+                        continue
+                    try:
+                        self.codec.decode(rec, out)  # straight from the map: one copy
+                        ok.append(True)
+                    except (CorruptEntryError, ValueError):
+                        corrupt.append(key)
+                        ok.append(False)
+        except lmdb.Error:
+            self.metrics.add("io_errors", tier=self.name)
+            ok += [False] * (len(keys) - len(ok))
+        if corrupt:
+            self.metrics.add("corrupt_records", len(corrupt), tier=self.name)
+            self._delete(corrupt, "corrupt")
         return ok
 
     def read_record(self, key: bytes) -> tuple[bytes, EntryMeta] | None:
         """A copy of the raw record and its metadata (for tools), or None."""
-        with self._lock:
-            self._check_pid()
-            with self._read() as txn:
-                rec, raw = txn.get(key, db=self._records), txn.get(key, db=self._meta)
-                if rec is None or raw is None:
-                    return None
-                return bytes(rec), _unpack_meta(raw)
+        with self._reading() as txn:
+            rec, raw = txn.get(key, db=self._records), txn.get(key, db=self._meta)
+            if rec is None or raw is None:
+                return None
+            return bytes(rec), _unpack_meta(raw)
 
     def entries(self) -> list[tuple[bytes, EntryMeta]]:
         """Every entry's key and metadata, in key order (one read transaction)."""
-        with self._lock:
-            self._check_pid()
-            with self._read() as txn:
-                return [(bytes(k), _unpack_meta(v)) for k, v in txn.cursor(db=self._meta)]
+        with self._reading() as txn:
+            return [(bytes(k), _unpack_meta(v)) for k, v in txn.cursor(db=self._meta)]
 
     def namespaces(self) -> dict[int, str]:
-        with self._lock:
-            self._check_pid()
-            with self._read() as txn:
-                return {_NS.unpack(bytes(k))[0]: bytes(v).decode()
-                        for k, v in txn.cursor(db=self._names)}
+        with self._reading() as txn:
+            return {_NS.unpack(bytes(k))[0]: bytes(v).decode() for k, v in txn.cursor(db=self._names)}
 
     def usage(self) -> TierUsage:
-        with self._lock:
-            self._check_pid()
-            with self._read() as txn:
-                t = self._totals(txn)
+        with self._reading() as txn:
+            t = self._totals(txn)
         return TierUsage(t.entries, t.used, t.raw, self.capacity_bytes)
 
     # -- writes ------------------------------------------------------------------------------

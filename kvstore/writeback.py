@@ -1,0 +1,131 @@
+"""WriteBehind: moves blocks into a slow tier off the caller's thread.
+
+``submit`` copies each block into a preallocated staging slot (a memcpy: fresh allocations were
+measured 10x slower) and queues it; background threads take up to ``batch`` queued blocks at a
+time and hand them to the tier's ``put_many``, which compresses outside its lock (so the threads
+use every core: zstd releases the GIL) and commits one LMDB transaction per batch. When no staging
+slot is free the block is dropped and counted: the caller never waits for disk I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .metrics import Metrics
+from .tiers.base import BlockEntry, Tier
+from .tiers.slab import copy_block, fill_zero
+
+log = logging.getLogger(__name__)
+
+
+class WriteBehind:
+    """A bounded, batching write queue in front of ``tier``.
+
+    Args:
+        tier: the tier written to (the disk tier).
+        slots: staging capacity in blocks.
+        block_shape, dtype: the layout of every block.
+        threads: background writer threads.
+        clock: the store's clock (for the tier's expiry sweeps).
+        metrics: counts drops (``dropped_writes{tier,reason=queue_full}``) and batch times.
+        batch: most blocks in one write transaction.
+    """
+
+    def __init__(self, tier: Tier, slots: int, block_shape: tuple[int, ...], dtype: torch.dtype,
+                 threads: int, clock: Callable[[], float], metrics: Metrics, batch: int = 64):
+        self.tier, self.clock, self.metrics, self.batch = tier, clock, metrics, batch
+        self._staging = torch.empty((max(slots, 0), *block_shape), dtype=dtype)
+        fill_zero(self._staging)
+        self._threads_wanted = threads
+        self._cond = threading.Condition()
+        self._start()
+
+    def _start(self) -> None:
+        self._free = list(range(self._staging.shape[0]))
+        self._queue: deque[tuple[BlockEntry, int]] = deque()
+        self._queued: set[bytes] = set()
+        self._inflight = 0
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, name=f"kvstore-writer-{i}", daemon=True)
+                         for i in range(self._threads_wanted)]
+        for t in self._threads:
+            t.start()
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's queue and threads did not come along; start afresh."""
+        self._cond = threading.Condition()
+        self._start()
+
+    def queued(self, key: bytes) -> bool:
+        return key in self._queued
+
+    def submit(self, entries: Sequence[BlockEntry]) -> list[bool]:
+        """Stages and queues ``entries`` (parent first); False where the queue was full.
+
+        The blocks are copied before this returns: the caller may reuse its buffers at once.
+        """
+        ok = []
+        with self._cond:
+            for e in entries:
+                if e.key in self._queued:
+                    ok.append(True)
+                    continue
+                if not self._free or self._stop:
+                    ok.append(False)
+                    continue
+                slot = self._free.pop()
+                copy_block(self._staging[slot], e.block)
+                self._queue.append((BlockEntry(e.key, self._staging[slot], e.meta), slot))
+                self._queued.add(e.key)
+                ok.append(True)
+            if any(ok):
+                self._cond.notify_all()
+        dropped = ok.count(False)
+        self.metrics.add("dropped_writes", dropped, tier=self.tier.name, reason="queue_full")
+        return ok
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until everything submitted so far is written; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._inflight, timeout)
+
+    def close(self) -> None:
+        """Writes what is queued, then stops the threads."""
+        self.flush()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stop)
+                if not self._queue:
+                    return  # stopping and drained
+                items = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
+                self._inflight += 1
+            t0 = time.perf_counter()
+            try:
+                stored = self.tier.put_many([e for e, _ in items], self.clock())
+                self.metrics.add("stored_blocks", stored.count(True), tier=self.tier.name)
+                self.metrics.add("dropped_writes", stored.count(False), tier=self.tier.name,
+                                 reason="capacity")
+                self.metrics.observe("store_seconds", time.perf_counter() - t0)
+            except Exception:  # a bug must not kill the writer: count it and go on
+                log.exception("kvstore write-behind batch failed")
+                self.metrics.add("dropped_writes", len(items), tier=self.tier.name, reason="error")
+            finally:
+                with self._cond:
+                    for e, slot in items:
+                        self._queued.discard(e.key)
+                        self._free.append(slot)
+                    self._inflight -= 1
+                    self._cond.notify_all()
