@@ -1,0 +1,85 @@
+"""The built-in dashboard, rendered by headless Chromium against a live exporter.
+
+Chromium and chromedriver are installed with apt-get when missing (tools.browser); the test is
+skipped, with the reason, only when that is impossible (no apt-get, no root, no network).
+"""
+
+import struct
+import time
+
+import pytest
+
+from tools.browser import BrowserUnavailable, Chromium
+from tools.exporter import start_metrics_server
+
+from ..conftest import block_nbytes
+from .test_exporter import traffic
+
+SAMPLE_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        with Chromium(width=1280, height=1500) as b:
+            yield b
+    except BrowserUnavailable as e:
+        pytest.skip(f"headless Chromium unavailable: {e}")
+
+
+def wait_for_samples(browser, n):
+    browser.wait_for(f"return document.body.dataset.ready && state.rows.length >= {n}")
+
+
+def test_dashboard_shows_live_figures(browser, open_store, tmp_path):
+    store = open_store(host_bytes=6 * block_nbytes())
+    with start_metrics_server(store, port=0, interval_s=SAMPLE_S) as server:
+        browser.get(server.url)
+        for r in range(4):  # traffic spread over several samples: the charts get lines
+            traffic(store, 3, first=10 * r)
+            time.sleep(SAMPLE_S * 1.5)
+        time.sleep(SAMPLE_S * 2)
+        n = len(server.history.table()["samples"])
+        wait_for_samples(browser, n)
+        page = browser.run("""
+            const text = id => document.querySelector(id + ' .value').textContent;
+            const lines = id => [...document.querySelectorAll(id + ' path.line')]
+                .filter(p => p.getAttribute('d').startsWith('M')).map(p => p.dataset.series);
+            return {errors: window.__errors, hitRate: text('#hit-rate'), disk: text('#tier-disk'),
+                    host: text('#tier-host'), requests: text('#requests'),
+                    noteHidden: document.getElementById('note').hidden,
+                    hit: lines('#chart-hit-rate'), occupancy: lines('#chart-occupancy'),
+                    throughput: lines('#chart-throughput'), evictions: lines('#chart-evictions'),
+                    latency: lines('#chart-latency')};""")
+        shot = browser.screenshot(tmp_path / "dashboard.png")
+    m = store.metrics
+    hit = m.value("hit_tokens", tier="host") + m.value("hit_tokens", tier="disk")
+    assert page["errors"] == []
+    assert page["hitRate"] == f"{100 * hit / (hit + m.total('miss_tokens')):.1f}%"
+    assert page["requests"] == str(int(m.total("requests")))
+    disk_kib = store.disk.usage().bytes / 1024
+    assert page["disk"] == f"{disk_kib:.1f} KiB"
+    assert page["noteHidden"] is True
+    assert {"all tiers", "from host"} <= set(page["hit"])
+    assert set(page["occupancy"]) == {"host", "disk"}
+    assert {"load host", "store host", "store disk"} <= set(page["throughput"])
+    assert "host capacity" in page["evictions"]
+    assert set(page["latency"]) == {"load", "store"}
+    png = shot.read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width == 1280 and height > 1000
+
+
+def test_dashboard_of_serve_metrics_explains_the_missing_counters(browser, open_store):
+    store = open_store(host_bytes=0)
+    traffic(store, 2)
+    with start_metrics_server(store, port=0, process_counters=False, interval_s=SAMPLE_S) as server:
+        browser.get(server.url)
+        wait_for_samples(browser, 2)
+        page = browser.run("""return {errors: window.__errors, note: document.getElementById('note'),
+            hitRate: document.querySelector('#hit-rate .value').textContent,
+            hitChart: document.getElementById('chart-hit-rate').textContent,
+            occupancy: document.querySelectorAll('#chart-occupancy path.line').length};""")
+    assert page["errors"] == [] and page["hitRate"] == "—"
+    assert "counted by the engine" in page["hitChart"] and page["occupancy"] == 1
+    assert browser.run("return document.getElementById('note').hidden") is False

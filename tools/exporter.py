@@ -1,0 +1,297 @@
+"""Prometheus export of a store's metrics, served beside the built-in dashboard.
+
+An engine process serves its own store in-process::
+
+    server = start_metrics_server(store)          # http://127.0.0.1:9477/
+    ...
+    server.close()
+
+``kvstore serve-metrics`` runs the same server from outside the engine, over a store the tool
+opened itself: there only the disk tier's figures mean anything (counters are per process), so
+it passes ``process_counters=False``.
+
+Routes: ``/metrics`` (Prometheus text or OpenMetrics, by the Accept header), ``/`` (the
+dashboard, tools/dashboard.html) and ``/api/history`` (the samples the dashboard draws).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily, Metric)
+from prometheus_client.exposition import choose_encoder
+
+from kvstore import KVStore
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9477
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+# Help texts of the counters and histograms the store counts; any other counter is exported too,
+# with a generic help text, so a new counter in kvstore needs no change here.
+HELP = {
+    "hit_tokens": "Prompt tokens served from the cache, by the tier that held them.",
+    "miss_tokens": "Prompt tokens not found in any tier (computed by the engine).",
+    "requests": "Prompts looked up.",
+    "stored_blocks": "Blocks newly stored, by tier.",
+    "dropped_writes": "Blocks a tier could not store (full budget, full disk, I/O error).",
+    "evictions": "Blocks removed from a tier, by reason (capacity, ttl, purge, corrupt).",
+    "corrupt_records": "Records that failed their checksum; each was a miss and was removed.",
+    "io_errors": "I/O errors in a tier, each served as a miss or a dropped write.",
+    "spilled_blocks": "Blocks evicted from a tier and moved down into this one.",
+    "load_failed_blocks": "Matched blocks that could not be loaded (vanished or corrupt).",
+    "orphan_blocks": "Blocks not stored because their parent block was no longer held.",
+    "adapter_faults": "Store faults the engine adapter turned into misses, by stage.",
+    "load_seconds": "Seconds to load the hit blocks of one prompt.",
+    "store_seconds": "Seconds per store: a prompt's new blocks, or one batch written to disk.",
+}
+# Counters exported at 0 before their first event, so that rate() and the dashboard work from the
+# start. Label values come from the store's tiers.
+_EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
+
+
+def _zero_series(store: KVStore) -> dict[str, list[dict[str, str]]]:
+    tiers = [t.name for t in store.tiers]
+    return {
+        "hit_tokens": [{"tier": t} for t in tiers],
+        "miss_tokens": [{}],
+        "requests": [{}],
+        "stored_blocks": [{"tier": t} for t in tiers],
+        "dropped_writes": [{"tier": t} for t in tiers],
+        "evictions": [{"tier": t, "reason": r} for t in tiers for r in _EVICTION_REASONS],
+        "corrupt_records": [{"tier": "disk"}] if "disk" in tiers else [],
+    }
+
+
+def _label_names(series) -> list[str]:
+    return sorted({k for labels in series for k, _ in labels})
+
+
+class StoreCollector:
+    """A prometheus_client Collector: one store's counters, histograms and tier usage.
+
+    Args:
+        store: an open store; read on every ``collect``.
+        process_counters: export this process's counters and histograms. False for a tool
+            looking at a store another process writes: its own counters would read as zeros.
+    """
+
+    def __init__(self, store: KVStore, process_counters: bool = True):
+        self.store = store
+        self.process_counters = process_counters
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.store
+        info = {"path": str(store.config.path), "block_tokens": str(store.config.block_tokens)}
+        if store.dtype is not None:
+            info["dtype"] = str(store.dtype).removeprefix("torch.")
+            info["block_shape"] = "x".join(map(str, store.block_shape))
+        fam = InfoMetricFamily("kvstore_store", "The store this exporter reads.")
+        fam.add_metric([], info)
+        yield fam
+        yield GaugeMetricFamily("kvstore_block_tokens", "Tokens per block.",
+                                value=store.config.block_tokens)
+        gauges = {
+            "entries": ("kvstore_entries", "Blocks held, by tier."),
+            "bytes": ("kvstore_bytes", "Bytes a tier's blocks take against its budget."),
+            "raw_bytes": ("kvstore_raw_bytes", "Uncompressed bytes of a tier's blocks."),
+            "budget": ("kvstore_budget_bytes", "A tier's byte budget."),
+        }
+        fams = {k: GaugeMetricFamily(name, doc, labels=["tier"]) for k, (name, doc) in gauges.items()}
+        block_bytes = 0
+        for tier in store.tiers:
+            u = tier.usage()
+            for k, f in fams.items():
+                f.add_metric([tier.name], getattr(u, k))
+            if u.entries:
+                block_bytes = u.raw_bytes // u.entries  # every block of a store has one layout
+        yield from fams.values()
+        if block_bytes:
+            yield GaugeMetricFamily("kvstore_block_bytes", "Uncompressed bytes of one block.",
+                                    value=block_bytes)
+        if not self.process_counters:
+            return
+        snap = store.metrics.snapshot()
+        counters = {name: dict(series) for name, series in snap["counters"].items()}
+        for name, zeros in _zero_series(store).items():
+            series = counters.setdefault(name, {})
+            for labels in zeros:
+                series.setdefault(tuple(sorted(labels.items())), 0)
+        for name, series in sorted(counters.items()):
+            names = _label_names(series)
+            fam = CounterMetricFamily(f"kvstore_{name}", HELP.get(name, f"kvstore counter {name}."),
+                                      labels=names)
+            for labels, value in sorted(series.items()):
+                d = dict(labels)
+                fam.add_metric([d.get(n, "") for n in names], value)
+            yield fam
+        for name, series in sorted(snap["histograms"].items()):
+            names = _label_names(series)
+            fam = HistogramMetricFamily(f"kvstore_{name}", HELP.get(name, f"kvstore histogram {name}."),
+                                        labels=names)
+            for labels, h in sorted(series.items()):
+                d, cum, buckets = dict(labels), 0, []
+                for bound, count in zip((*h["buckets"], float("inf")), h["counts"]):
+                    cum += count
+                    buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cum))
+                fam.add_metric([d.get(n, "") for n in names], buckets, h["sum"])
+            yield fam
+
+
+class History:
+    """The registry's samples taken every ``interval_s``, the last ``keep`` of them.
+
+    Histogram buckets are left out (the dashboard needs only ``_sum`` and ``_count``).
+    """
+
+    def __init__(self, registry: CollectorRegistry, interval_s: float, keep: int):
+        self.registry = registry
+        self.interval_s = interval_s
+        self.info: dict[str, str] = {}
+        self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def sample(self) -> None:
+        values: dict[str, float] = {}
+        info: dict[str, str] = {}
+        for fam in self.registry.collect():
+            for s in fam.samples:
+                if s.name.endswith("_bucket"):
+                    continue
+                if s.name == "kvstore_store_info":
+                    info = dict(s.labels)
+                    continue
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        with self._lock:
+            self.info = info
+            self._samples.append((time.time(), values))
+
+    def table(self, since: float = 0.0) -> dict:
+        """``{"interval_s", "info", "series": [names], "samples": [[t, v...]]}`` after ``since``.
+
+        ``samples[i][j + 1]`` is the value of ``series[j]`` at ``samples[i][0]``, or None.
+        """
+        with self._lock:
+            rows = [(t, v) for t, v in self._samples if t > since]
+            info = self.info
+        series = sorted({name for _, v in rows for name in v})
+        return {"interval_s": self.interval_s, "info": info, "series": series,
+                "samples": [[t, *(v.get(n) for n in series)] for t, v in rows]}
+
+
+class MetricsServer:
+    """An HTTP server on a daemon thread: ``/metrics``, ``/`` (dashboard), ``/api/history``.
+
+    Raises (at construction):
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, interval_s: float,
+                 history_s: float):
+        self.registry = registry
+        self.history = History(registry, interval_s, max(2, int(history_s / interval_s)))
+        page = DASHBOARD.read_bytes()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/metrics":
+                    encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+                    self._send(200, ctype, encoder(server.registry))
+                elif url.path in ("/", "/index.html"):
+                    self._send(200, "text/html; charset=utf-8", page)
+                elif url.path == "/api/history":
+                    q = urllib.parse.parse_qs(url.query)
+                    try:
+                        since = float(q.get("since", ["0"])[0])
+                    except ValueError:
+                        self._send(400, "text/plain", b"since: expected a unix time\n")
+                        return
+                    body = json.dumps(server.history.table(since)).encode()
+                    self._send(200, "application/json", body)
+                else:
+                    self._send(404, "text/plain", b"not found: try /metrics or /\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass  # scrapes every few seconds would flood the engine's stderr
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.host, self.port = self._httpd.server_address[:2]
+        self._stop = threading.Event()
+        self.history.sample()
+        self._threads = [
+            threading.Thread(target=self._httpd.serve_forever, name="kvstore-metrics-http", daemon=True),
+            threading.Thread(target=self._sampler, name="kvstore-metrics-sampler", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def _sampler(self) -> None:
+        while not self._stop.wait(self.history.interval_s):
+            try:
+                self.history.sample()
+            except Exception:  # a closed or failing store must not kill the thread: retry next tick
+                pass
+
+    def close(self) -> None:
+        """Stops serving and sampling. Idempotent."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            for t in self._threads:
+                t.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_metrics_server(store: KVStore, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                         process_counters: bool = True, interval_s: float = 5.0,
+                         history_s: float = 3600.0) -> MetricsServer:
+    """Serves ``store``'s metrics and the dashboard until ``close()``.
+
+    Args:
+        store: an open store (the engine's own, or one a tool opened).
+        host, port: where to listen; 127.0.0.1 unless told otherwise; port 0 picks a free one.
+        process_counters: see ``StoreCollector``.
+        interval_s: how often the dashboard's history is sampled.
+        history_s: how much history the dashboard keeps.
+
+    Raises:
+        OSError: the address cannot be bound.
+        ValueError: ``interval_s`` or ``history_s`` is not positive.
+    """
+    if not interval_s > 0 or not history_s > 0:
+        raise ValueError(f"interval_s and history_s: expected seconds > 0, got {interval_s!r}, {history_s!r}")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store, process_counters))
+    return MetricsServer(registry, host, port, interval_s, history_s)
