@@ -1,67 +1,241 @@
+"""Every CLI command against a real store held open by another process (engine_proc.py)."""
+
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import lmdb
 import pytest
 
-from tools import cli
+from kvstore.keys import block_keys
 
-from ..conftest import BLOCK_TOKENS as B, make_block
-
-
-@pytest.fixture
-def filled(open_store, clock, tmp_path):
-    import time
-    clock.now = time.time()
-    s = open_store(host_bytes=0)  # RAM tiers of another process do not see a CLI purge yet
-    s.put(list(range(3 * B)), [make_block(i) for i in range(3)], namespace="tenant-a")
-    s.put(list(range(500, 500 + 2 * B)), [make_block(9), make_block(8)], namespace="tenant-b")
-    s.flush()
-    return s, str(tmp_path / "store")
+from ..conftest import BLOCK_TOKENS as B
+from .conftest import ROOT
+from .engine_proc import DATASET, TOTAL_BLOCKS
+from .test_exporter import samples, scrape
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+def keys_of(name):
+    ns, ids, _ = DATASET[name]
+    return block_keys(ns, ids, B)
 
 
-def test_stats_json_while_the_store_is_open_elsewhere(filled):
-    store, path = filled
-    out = run_cli("stats", "--path", path, "--json")
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
-    assert data["disk"]["entries"] == 5
-    assert data["namespaces"]["tenant-a"]["entries"] == 3 and data["namespaces"]["tenant-b"]["entries"] == 2
-    text = run_cli("stats", env={"KVSTORE_PATH": path})
-    assert "5 blocks" in text.stdout
+def test_stats(shared_engine, kv):
+    code, data, _ = kv("stats", "--config", shared_engine.config, "--json")
+    assert code == 0
+    disk = data["tiers"]["disk"]
+    assert disk["entries"] == TOTAL_BLOCKS and disk["budget"] == 4 << 20
+    assert disk["pinned"] == 3 and disk["expired"] == 0 and disk["ttl_s"] == 7 * 86400
+    assert data["namespaces"]["tenant-a"]["entries"] == 11
+    assert data["namespaces"]["tenant-a"]["longest_chain_tokens"] == 5 * B
+    assert data["namespaces"]["tenant-b"]["entries"] == 3
+    assert 2.9 * 86400 < time.time() - _ts(disk["oldest_created"]) < 3.1 * 86400
+    assert data["counters"] is None  # per process: not visible from outside yet
+    code, text, _ = kv("stats", "--path", shared_engine.path, "--config", shared_engine.config)
+    assert f"{TOTAL_BLOCKS} blocks" in text and "tenant-b" in text and "3 pinned" in text
 
 
-def test_purge_namespace_with_dry_run_then_for_real(filled):
-    store, path = filled
-    dry = json.loads(run_cli("purge", "--path", path, "--namespace", "tenant-b", "--dry-run", "--json").stdout)
-    assert dry == {"removed": 0, "matched": 2, "dry_run": True}
-    assert store.match(list(range(500, 500 + 2 * B)), namespace="tenant-b").num_blocks == 2
-    out = run_cli("purge", "--path", path, "--namespace", "tenant-b")
-    assert out.returncode == 0 and "removed 2 block(s)" in out.stdout
-    assert store.match(list(range(500, 500 + 2 * B)), namespace="tenant-b").num_blocks == 0
-    assert store.match(list(range(3 * B)), namespace="tenant-a").num_blocks == 3
+def _ts(iso):
+    import datetime as dt
+    return dt.datetime.fromisoformat(iso).timestamp()
 
 
-@pytest.mark.parametrize("args, code, fragment", [
+def test_ls_filters_sorts_and_pages(shared_engine, kv):
+    cfg = ("--config", shared_engine.config, "--json")
+    _, data, _ = kv("ls", *cfg)
+    assert data["total"] == TOTAL_BLOCKS
+    assert {e["key"] for e in data["entries"]} == {k.hex() for name in DATASET for k in keys_of(name)}
+    _, old, _ = kv("ls", *cfg, "--older-than", "2d")
+    assert [e["key"] for e in sorted(old["entries"], key=lambda e: e["depth"])] == [k.hex() for k in keys_of("old")]
+    _, idle, _ = kv("ls", *cfg, "--idle-longer-than", "1d")
+    assert idle["total"] == 4
+    _, pinned, _ = kv("ls", *cfg, "--pinned")
+    assert {e["key"] for e in pinned["entries"]} == {k.hex() for k in keys_of("other")}
+    assert all(e["pinned_until"] for e in pinned["entries"])
+    _, b, _ = kv("ls", *cfg, "--namespace", "tenant-b", "--sort", "depth", "--reverse")
+    assert [e["depth"] for e in b["entries"]] == [0, 1, 2] and b["entries"][2]["tokens"] == f"{2 * B}-{3 * B - 1}"
+    pages = [kv("ls", *cfg, "--sort", "key", "--limit", "5", "--offset", str(o))[1] for o in (0, 5, 10)]
+    keys = [e["key"] for p in pages for e in p["entries"]]
+    assert keys == sorted(keys) and len(set(keys)) == TOTAL_BLOCKS
+    _, text, _ = kv("ls", "--config", shared_engine.config, "--limit", "5")
+    assert text.splitlines()[0].startswith("KEY") and "next page: --offset 5" in text
+
+
+def test_inspect_shows_header_verdict_and_chain(shared_engine, kv):
+    main = keys_of("main")
+    code, data, _ = kv("inspect", main[3].hex()[:10], "--config", shared_engine.config, "--json")
+    assert code == 0 and data["key"] == main[3].hex()
+    assert data["checksum"] == "ok" and data["header"]["dtype"] == "bfloat16"
+    assert data["header"]["shape"] == [2, 2, 2, B, 4] and data["header"]["codec"] == "zstd"
+    assert data["depth"] == 3 and data["tokens"] == f"{3 * B}-{4 * B - 1}"
+    assert [a["key"] for a in data["ancestors"]] == [k.hex() for k in reversed(main[:3])]
+    assert data["children"] == [main[4].hex()]
+    _, root, _ = kv("inspect", main[1].hex(), "--config", shared_engine.config, "--json")
+    assert set(root["children"]) == {main[2].hex(), keys_of("branch")[2].hex()}  # the branch point
+    _, text, _ = kv("inspect", main[3].hex(), "--config", shared_engine.config)
+    assert "verdict      ok" in text and "block 3 of its chain" in text
+
+
+def test_verify_a_clean_store_with_a_progress_bar(shared_engine, kv):
+    code, data, err = kv("verify", "--config", shared_engine.config, "--json", "--progress")
+    assert code == 0 and data["checked"] == TOTAL_BLOCKS and data["ok"] == TOTAL_BLOCKS
+    assert "verify [" in err and f"{TOTAL_BLOCKS}/{TOTAL_BLOCKS} 100%" in err
+    code, _, err = kv("verify", "--config", shared_engine.config, "--no-progress")
+    assert code == 0 and err == ""
+
+
+def corrupt(path, key):
+    """Flips a payload byte of one record (the test process holds no other environment there)."""
+    env = lmdb.open(str(path / "disk"), max_dbs=8)
+    try:
+        db = env.open_db(b"records")
+        with env.begin(write=True) as txn:
+            rec = bytearray(txn.get(key, db=db))
+            rec[-5] ^= 0x40
+            txn.put(key, bytes(rec), db=db)
+    finally:
+        env.close()
+
+
+def test_verify_finds_and_repairs_corrupt_records(engine, kv):
+    main = keys_of("main")
+    corrupt(engine.path, main[2])
+    code, data, _ = kv("verify", "--config", engine.config, "--json")
+    assert code == 3 and data["corrupt"] == 1 and data["bad"][0]["key"] == main[2].hex()
+    assert "checksum" in data["bad"][0]["error"] and data["repaired"] == 0
+    code, _, _ = kv("inspect", main[2].hex(), "--config", engine.config)
+    assert code == 3  # inspect reports the bad verdict too
+    code, text, _ = kv("verify", "--config", engine.config, "--repair")
+    assert code == 0 and "removed 1 corrupt record(s) and 2 block(s) chained below them" in text
+    # The engine's disk tier no longer has the bad block nor the two unreachable below it.
+    ns, ids, _ = DATASET["main"]
+    assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [True, True, False, False, False]
+    assert kv("verify", "--config", engine.config, "--json")[1]["ok"] == TOTAL_BLOCKS - 3
+
+
+def test_purge_namespace_dry_run_then_for_real(engine, kv):
+    cfg = ("--config", engine.config)
+    code, dry, _ = kv("purge", *cfg, "--namespace", "tenant-b", "--dry-run", "--json")
+    assert code == 0 and dry["dry_run"] and dry["matched"] == 3 and dry["removed"] == 0
+    assert dry["namespaces"] == {"tenant-b": 3}
+    ns, ids, _ = DATASET["other"]
+    assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [True] * 3
+    code, text, _ = kv("purge", *cfg, "--namespace", "tenant-b")  # pins do not protect from a purge
+    assert code == 0 and text.startswith("removed 3 block(s)")
+    assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [False] * 3
+    assert kv("stats", *cfg, "--json")[1]["tiers"]["disk"]["entries"] == TOTAL_BLOCKS - 3
+
+
+def test_purge_by_age_and_idle_time(engine, kv):
+    cfg = ("--config", engine.config, "--json")
+    assert kv("purge", *cfg, "--older-than", "4d")[1]["removed"] == 0
+    _, data, _ = kv("purge", *cfg, "--idle-longer-than", "2d")
+    assert data["removed"] == 4 and data["namespaces"] == {"tenant-a": 4}
+    ns, ids, _ = DATASET["old"]
+    assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [False] * 4
+    _, data, _ = kv("purge", *cfg, "--all")
+    assert data["removed"] == TOTAL_BLOCKS - 4
+    assert kv("stats", *cfg)[1]["tiers"]["disk"]["entries"] == 0
+
+
+def test_purge_prefix_of_a_prompt_takes_the_chains_below(engine, kv, tmp_path):
+    prompt = tmp_path / "prompt.json"
+    ns, ids, _ = DATASET["main"]
+    prompt.write_text(json.dumps(ids[:2 * B + 3]))  # blocks 0-1 (+3 tokens), shared with "branch"
+    cfg = ("--config", engine.config, "--json")
+    _, later, _ = kv("purge", *cfg, "--prefix-of", prompt, "--from-block", "1", "--dry-run")
+    # Block 1 and everything below it: main 1-4 and branch 2-3.
+    assert later["matched"] == 6 and later["selected"] == 1 and later["chained_below"] == 5
+    _, data, _ = kv("purge", *cfg, "--prefix-of", prompt)
+    assert data["removed"] == 7 and data["prompt"]["full_blocks"] == 2
+    assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [False] * 5
+    assert engine.ask("disk_held", ns=ns, ids=DATASET["branch"][1])["held"] == [False] * 4
+    assert engine.ask("disk_held", ns="tenant-a", ids=DATASET["old"][1])["held"] == [True] * 4
+
+
+def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(DATASET["main"][1]))
+    b.write_text(json.dumps({"input_ids": DATASET["branch"][1] + [9] * B}))
+    code, r, _ = kv("explain", a, b, "--config", shared_engine.config, "--json")
+    assert code == 0 and r["namespace"] == "tenant-a"  # the store's namespace holding the prompts
+    assert r["first_different_token"] == 2 * B and r["first_different_block"] == 2
+    assert r["b_after_a"] == {"hit_tokens": 2 * B, "hit_blocks": 2, "miss_tokens": 3 * B, "prompt_tokens": 5 * B}
+    assert r["store"] == {"a_held": 5, "b_held": 4, "b_hits_now_blocks": 4, "b_hits_now_tokens": 4 * B}
+    assert [row["state"] for row in r["blocks"]] == ["same", "same", "first difference",
+                                                     "differs (chained)", "differs (chained)"]
+    assert r["blocks"][0]["a"] == keys_of("main")[0].hex()
+    assert [t["pos"] for t in r["divergence"]["tokens"]][0] == 2 * B - 8
+
+
+@pytest.mark.parametrize("argv, code, fragment", [
     (["stats", "--path", "/nonexistent/kv"], 1, "not a kvstore store"),
     (["stats"], 1, "no store given"),
-    (["purge", "--path", "X"], 1, "not a kvstore store"),
-    (["purge", "--path", "X", "--older-than", "soon"], 2, "expected a duration"),
+    (["ls", "--path", "{tmp}"], 1, "not a kvstore store"),
+    (["purge", "--path", "{store}"], 1, "say what to remove"),
+    (["purge", "--path", "{store}", "--all", "--namespace", "x"], 1, "combines with no other"),
+    (["purge", "--path", "{store}", "--older-than", "soon"], 2, "expected a duration"),
+    (["ls", "--path", "{store}", "--idle-longer-than=-3h"], 2, "expected a duration"),
+    (["inspect", "--path", "{store}", "beef"], 1, "no block with key beef"),
+    (["inspect", "--path", "{store}", "xyz"], 1, "at least 4 hex digits"),
+    (["explain", "{tmp}/missing.txt", "{tmp}/missing.txt"], 1, "cannot read"),
+    (["explain", "{tmp}/bad.json", "{tmp}/bad.json"], 1, "neither a list of token ids"),
+    (["purge", "--path", "{store}", "--prefix-of", "{tmp}/bad.json"], 1, "neither a list of token ids"),
+    (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "Address already in use"),
+    (["frobnicate"], 2, "invalid choice"),
 ])
-def test_bad_input_is_one_line_without_traceback(args, code, fragment, tmp_path):
-    out = run_cli(*args, env={"KVSTORE_PATH": ""})
-    assert out.returncode == code
-    assert fragment in out.stderr and "Traceback" not in out.stderr
+def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_path, open_store):
+    import socket
+    open_store().close()  # an empty, valid store at tmp_path/store
+    (tmp_path / "bad.json").write_text('{"neither": 1}')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        fill = {"tmp": tmp_path, "store": tmp_path / "store", "busy": busy.getsockname()[1]}
+        got, out, err = kv(*[a.format(**fill) for a in argv])
+    assert got == code and fragment in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_purge_requires_a_criterion(filled, capsys):
-    store, path = filled
-    store.close()  # one LMDB environment per process: close it before running the CLI in-process
-    assert cli.main(["purge", "--path", path]) == 1
-    assert "say what to remove" in capsys.readouterr().err
+def test_a_store_of_a_newer_format_is_refused(open_store, tmp_path, kv):
+    open_store().close()
+    env = lmdb.open(str(tmp_path / "store" / "disk"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", (99).to_bytes(8, "little"), db=env.open_db(b"info", txn=txn))
+    env.close()
+    code, _, err = kv("stats", "--path", tmp_path / "store")
+    assert code == 1 and "written by disk format version 99" in err and "upgrade kvstore" in err
+
+
+def test_console_script_in_a_fresh_process(shared_engine):
+    """The installed `kvstore` entry point, with KVSTORE_PATH/KVSTORE_CONFIG from the environment."""
+    exe = shutil.which("kvstore", path=os.path.dirname(sys.executable))
+    argv = [exe] if exe else [sys.executable, "-m", "tools.cli"]
+    env = {**os.environ, "KVSTORE_PATH": str(shared_engine.path), "KVSTORE_CONFIG": str(shared_engine.config)}
+    out = subprocess.run([*argv, "stats", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tiers"]["disk"]["entries"] == TOTAL_BLOCKS
+    bad = subprocess.run([*argv, "ls", "--path", "/nonexistent"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_serve_metrics_from_outside_the_engine(shared_engine):
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve-metrics", "--config",
+                             str(shared_engine.config), "--port", "0", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info["url"].startswith("http://127.0.0.1:")
+        got = samples(scrape(info["metrics"])[1])
+        assert got[("kvstore_entries", (("tier", "disk"),))] == TOTAL_BLOCKS
+        assert got[("kvstore_budget_bytes", (("tier", "disk"),))] == 4 << 20
+        # Counters of the tool's own process would read as zeros: they are left out.
+        assert not any(name.startswith("kvstore_hit_tokens") for name, _ in got)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read()

@@ -1,0 +1,138 @@
+"""`kvstore explain A B` on text, token-id and chat prompts, with the default model's tokenizer.
+
+Expected hits are computed here independently (tokenize, find the first different token, round
+down to whole blocks) and compared with what explain reports.
+"""
+
+import json
+
+import pytest
+
+from tools.explain import default_tokenizer
+
+BT = 16
+# A chat template in the style of reasoning models: an assistant turn's reasoning_content is
+# rendered only while it is the latest turn, and dropped once a user turn follows it.
+REASONING_TEMPLATE = """\
+{%- set last = namespace(user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set last.user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+<|im_start|>{{ m.role }}
+{% if m.role == 'assistant' and m.reasoning_content is defined and loop.index0 > last.user %}<think>
+{{ m.reasoning_content }}
+</think>
+
+{% endif %}{{ m.content }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif -%}
+"""
+SYSTEM = {"role": "system", "content": "You answer questions about geography, briefly and precisely. " * 3}
+USER1 = {"role": "user", "content": "What is the capital of France, and since when has it been the capital?"}
+REPLY1 = {"role": "assistant", "content": "Paris, since the late 10th century.",
+          "reasoning_content": "France's capital is Paris; Hugh Capet made it the royal seat in 987."}
+USER2 = {"role": "user", "content": "And the capital of Germany?"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def first_diff(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def write(tmp_path, name, obj):
+    p = tmp_path / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return p
+
+
+def test_chat_template_dropping_reasoning_content_is_named(kv, tok, tmp_path):
+    a = write(tmp_path, "turn1.json", [SYSTEM, USER1, REPLY1])  # the stored conversation
+    b = write(tmp_path, "turn2.json", {"model": "m", "messages": [SYSTEM, USER1, REPLY1, USER2]})
+    tpl = write(tmp_path, "reasoning.jinja", REASONING_TEMPLATE)
+    code, r, err = kv("explain", a, b, "--chat-template", tpl, "--block-tokens", BT, "--json")
+    assert code == 0, err
+    ids_a = tok.apply_chat_template([SYSTEM, USER1, REPLY1], chat_template=REASONING_TEMPLATE)["input_ids"]
+    ids_b = tok.apply_chat_template([SYSTEM, USER1, REPLY1, USER2], chat_template=REASONING_TEMPLATE,
+                                    add_generation_prompt=True)["input_ids"]
+    d = first_diff(ids_a, ids_b)
+    assert r["a"]["tokens"] == len(ids_a) and r["b"]["tokens"] == len(ids_b)
+    assert r["first_different_token"] == d and r["b_after_a"]["hit_tokens"] == d // BT * BT
+    chat = r["chat"]
+    assert chat["template_dropped"] == [{"message": 2, "role": "assistant", "field": "reasoning_content",
+                                         "rendered_in": "A"}]
+    assert chat["where_a"]["message"] == 2 and chat["where_a"]["field"] == "reasoning_content"
+    assert chat["where_b"] == {"message": 2, "role": "assistant", "field": "content", "offset": 0, "in": "field"}
+    assert "renders its reasoning_content in A and drops it in B" in r["summary"]
+    assert "<think>" in r["divergence"]["text_a"] and "<think>" not in r["divergence"]["text_b"]
+    _, text, _ = kv("explain", a, b, "--chat-template", tpl, "--block-tokens", BT)
+    assert "why        messages[2] (assistant) is the same in A and B" in text
+    assert f"> {d:>7}" in text and "'<'" in text  # the marked row shows the token pieces
+
+
+def test_a_changed_system_prompt_misses_from_block_zero(kv, tmp_path):
+    a = write(tmp_path, "a.json", [SYSTEM, USER1])
+    b = write(tmp_path, "b.json", [{"role": "system", "content": "Be brief. " + SYSTEM["content"]}, USER1])
+    _, r, _ = kv("explain", a, b, "--block-tokens", BT, "--json")
+    assert r["b_after_a"]["hit_tokens"] == 0 and r["first_different_block"] == 0
+    assert r["chat"]["first_different_message"] == 0 and r["chat"]["changed_fields"] == ["content"]
+    assert r["summary"] == "messages[0] (system) differs in content"
+    assert r["blocks"][0]["state"] == "first difference"
+
+
+def test_the_next_turn_hits_the_whole_stored_conversation(kv, tok, tmp_path):
+    a = write(tmp_path, "a.json", [SYSTEM, USER1, {"role": "assistant", "content": REPLY1["content"]}])
+    b = write(tmp_path, "b.json", [SYSTEM, USER1, {"role": "assistant", "content": REPLY1["content"]}, USER2])
+    _, r, _ = kv("explain", a, b, "--block-tokens", BT, "--json")
+    n = r["a"]["tokens"]
+    assert r["first_different_token"] == n and r["b_after_a"]["hit_tokens"] == n // BT * BT
+    assert r["summary"].startswith("B starts with all of A; the last") and r["chat"]["where_a"] is None
+
+
+def test_text_prompts_show_the_split_in_text_and_tokens(kv, tok, tmp_path):
+    doc = "Quarterly report.\n" + "Revenue grew in every region except the north. " * 12
+    a = write(tmp_path, "a.txt", doc + "\nQuestion: which region shrank?")
+    b = write(tmp_path, "b.txt", doc + "\nQuestion: which region grew most?")
+    _, r, _ = kv("explain", a, b, "--block-tokens", BT, "--json", "--context", "2")
+    ids_a = tok(doc + "\nQuestion: which region shrank?")["input_ids"]
+    ids_b = tok(doc + "\nQuestion: which region grew most?")["input_ids"]
+    d = first_diff(ids_a, ids_b)
+    assert r["first_different_token"] == d and r["b_after_a"]["hit_blocks"] == d // BT
+    div = r["divergence"]
+    assert [t["pos"] for t in div["tokens"]] == list(range(d - 2, d + 3))
+    assert div["tokens"][2]["a_text"] == tok.decode([ids_a[d]]) and div["tokens"][2]["b"] == ids_b[d]
+    assert div["text_a"][div["context_chars"][0]:] == " shrank?"
+    assert div["line_col_a"] == "line 3, column 23"
+    w = write(tmp_path, "w.txt", doc.replace("north. Revenue", "north.  Revenue", 1) + "\nQuestion: which region shrank?")
+    assert kv("explain", a, w, "--json")[1]["summary"] == "the prompts differ only in whitespace from here on"
+
+
+def test_token_id_files_need_no_tokenizer(kv, tmp_path, monkeypatch):
+    import tools.explain
+    monkeypatch.setattr(tools.explain, "default_tokenizer", lambda *a: pytest.fail("tokenizer loaded"))
+    a = write(tmp_path, "a.json", list(range(40)))
+    b = write(tmp_path, "b.json", {"prompt_token_ids": list(range(35)) + [1] * 30})
+    short = write(tmp_path, "short.json", [1, 2, 3])
+    code, r, _ = kv("explain", a, b, "--block-tokens", BT, "--json")
+    assert code == 0 and r["first_different_token"] == 35 and r["b_after_a"]["hit_tokens"] == 32
+    assert [row["state"] for row in r["blocks"]] == ["same", "same", "only in B", "only in B"]
+    assert "a_text" not in r["divergence"]["tokens"][0]
+    _, r, _ = kv("explain", short, short, "--json")
+    assert r["summary"] == "A and B are the same tokens" and r["b_after_a"]["hit_tokens"] == 0
+    code, text, _ = kv("explain", short, b, "--block-tokens", BT)
+    assert code == 0 and "0 of 65 prompt tokens hit" in text
+
+
+def test_a_tokenizer_directory(kv, tok, tmp_path):
+    d = tmp_path / "tok"
+    tok.save_pretrained(d)
+    (d / "chat_template.jinja").write_text(REASONING_TEMPLATE)  # the directory's own template
+    a = write(tmp_path, "a.json", [USER1, REPLY1])
+    b = write(tmp_path, "b.json", [USER1, REPLY1, USER2])
+    _, r, _ = kv("explain", a, b, "--tokenizer", d, "--block-tokens", BT, "--json")
+    assert r["chat"]["template_dropped"][0]["field"] == "reasoning_content"
+    code, _, err = kv("explain", a, b, "--tokenizer", tmp_path / "nope")
+    assert code == 1 and "cannot load a tokenizer" in err
