@@ -1,0 +1,135 @@
+"""KVStoreConnector against a real vLLM engine (CPU): reuse across engine restarts, partial
+prefixes, interplay with vLLM's own prefix cache, a damaged store, and both process modes.
+
+Every engine runs in a fresh process. Expected hits are the 64-aligned common prefix, capped so
+that at least one prompt token is computed; outputs must equal an engine without the connector.
+"""
+
+import os
+import random
+import shutil
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM tests run in .venv-vllm: make test-vllm")
+
+from .conftest import VOCAB  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+BT = 64
+_r = random.Random(7)
+
+
+def _ids(n: int) -> list[int]:
+    return [_r.randrange(3, VOCAB) for _ in range(n)]
+
+
+DOC = _ids(300)
+P1 = DOC                                   # stored by engine A: 4 full blocks usable
+P2 = DOC[:200] + _ids(60)                  # partial prefix: 200 common tokens -> 3 blocks
+P3 = _ids(130)                             # stored by engine A: 2 blocks usable (129 // 64)
+P4 = _ids(40)                              # shorter than one block: never hits
+P5 = [9] * 50 + DOC[50:]                   # same tail as P1, different head: a miss
+Q = DOC[:100] + _ids(30)                   # shares P1's first block only
+PROMPTS = {"P1": P1, "P2": P2, "P3": P3, "P4": P4, "P5": P5, "Q": Q}
+HIT = {"P1": 256, "P2": 192, "P3": 128, "P4": 0, "P5": 0, "Q": 64}
+
+
+@pytest.fixture(scope="module")
+def reference(run_engine, tiny_model) -> dict[str, list[int]]:
+    """Greedy outputs of an engine without the connector."""
+    names = list(PROMPTS)
+    res = run_engine(model=tiny_model, store=None, prefix_caching=False,
+                     phases=[[PROMPTS[n] for n in names]])
+    outs = {n: r["output"] for n, r in zip(names, res["phases"][0])}
+    # The model's output must depend on more than the last tokens, or equal outputs prove
+    # nothing about the loaded KV: P5 differs from P1 only in its first 50 tokens.
+    assert outs["P5"] != outs["P1"]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def warm_store(run_engine, tiny_model, tmp_path_factory, reference):
+    """Engine A fills a fresh store with P1 and P3."""
+    store = str(tmp_path_factory.mktemp("store") / "kv")
+    res = run_engine(model=tiny_model, store=store, phases=[[P1, P3]])
+    assert [r["output"] for r in res["phases"][0]] == [reference["P1"], reference["P3"]]
+    assert [r["cached"] for r in res["phases"][0]] == [0, 0]
+    # Every full prompt block, each stored once: P1 has 4, P3 has 2.
+    assert res["counters"]["vllm_stored_blocks"] == 6
+    assert res["counters"].get("vllm_loaded_tokens", 0) == 0
+    return store
+
+
+def test_restarted_engine_loads_prefixes_and_matches_reference(run_engine, tiny_model, warm_store,
+                                                               reference):
+    # vLLM's own prefix cache off: every cached token must come from the store.
+    names = ["P1", "P2", "P3", "P4", "P5"]
+    res = run_engine(model=tiny_model, store=warm_store, prefix_caching=False,
+                     phases=[[PROMPTS[n] for n in names]])
+    got = res["phases"][0]
+    assert [r["cached"] for r in got] == [HIT[n] for n in names]
+    assert [r["output"] for r in got] == [reference[n] for n in names]
+    c = res["counters"]
+    assert c["vllm_loaded_tokens"] == sum(HIT[n] for n in names)
+    assert c.get("vllm_load_failed_blocks", 0) == 0 and c.get("vllm_faults", 0) == 0
+    # New full blocks: P2's 4th (260 tokens, 3 hit) and all 4 of P5 (a different first block).
+    assert c["vllm_stored_blocks"] == 1 + 4
+    assert c["vllm_load_seconds_count"] >= 1 and c["vllm_store_seconds_count"] >= 1
+
+
+def test_store_hit_beyond_vllm_prefix_cache(run_engine, tiny_model, warm_store, reference):
+    # With vLLM's prefix cache on, Q leaves P1's first block in vLLM's cache; P1 then takes that
+    # block locally and only the next three from the store (a load that starts mid-prompt).
+    res = run_engine(model=tiny_model, store=warm_store, phases=[[Q], [P1]])
+    (q,), (p1,) = res["phases"]
+    assert (q["cached"], p1["cached"]) == (HIT["Q"], HIT["P1"])
+    assert (q["output"], p1["output"]) == (reference["Q"], reference["P1"])
+    assert res["counters"]["vllm_loaded_tokens"] == 64 + (256 - 64)
+
+
+def _damage(store_dir: str) -> int:
+    """Flips bytes inside every stored record's payload; returns how many records were hit."""
+    data = os.path.join(store_dir, "disk", "data.mdb")
+    with open(data, "r+b") as f:
+        buf = bytearray(f.read())
+        n, pos = 0, buf.find(b"KVSR")
+        while pos >= 0:
+            for off in range(300, 340):  # past the header, inside the compressed payload
+                buf[pos + off] ^= 0x5A
+            n += 1
+            pos = buf.find(b"KVSR", pos + 4)
+        f.seek(0)
+        f.write(buf)
+    return n
+
+
+def test_damaged_store_gives_misses_and_correct_output(run_engine, tiny_model, warm_store,
+                                                      reference, tmp_path):
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(warm_store, damaged)
+    assert _damage(damaged) >= 6
+    res = run_engine(model=tiny_model, store=damaged, prefix_caching=False,
+                     phases=[[P1, P3], [P1, P3]])
+    first, second = res["phases"]
+    assert [r["output"] for r in first + second] == [reference[n] for n in ("P1", "P3") * 2]
+    c = res["counters"]
+    # The scheduler's lookup saw the records; the worker's load failed their checksums, so vLLM
+    # recomputed those blocks (its num_cached_tokens still counts them: it is set when the
+    # request is scheduled) and the corrupt records were removed: the next lookup misses.
+    assert c.get("vllm_loaded_tokens", 0) == 0
+    assert c["vllm_load_failed_blocks"] == 4 + 2
+    assert c["corrupt_records"] >= 2  # the first record of each chain fails its checksum
+    assert [r["cached"] for r in second] == [0, 0]
+
+
+def test_separate_scheduler_process_sees_worker_stores(run_engine, tiny_model, reference, tmp_path):
+    # Default vLLM process mode: the scheduler and the worker are different processes, so the
+    # second phase can only hit through what the worker flushed to LMDB.
+    res = run_engine(model=tiny_model, store=str(tmp_path / "kv"), multiprocessing=True,
+                     prefix_caching=False, phases=[[P1, P3], [P1, P2, P3]])
+    first, second = res["phases"]
+    assert [r["cached"] for r in first] == [0, 0]
+    assert [r["cached"] for r in second] == [HIT["P1"], HIT["P2"], HIT["P3"]]
+    assert [r["output"] for r in first + second] == [reference[n] for n in ("P1", "P3", "P1", "P2", "P3")]
