@@ -11,7 +11,8 @@ leading full store blocks of the prompt it holds, for every tensor-parallel rank
 part beyond vLLM's own prefix-cache hit; ``build_connector_meta`` turns that into load orders and,
 as a prompt's prefill passes each block boundary, into save orders. Worker side: loads run
 synchronously in ``start_load_kv``; saves run in ``wait_for_save`` after every layer of the step
-has written its KV, then ``flush()`` so a scheduler in another process sees them through LMDB.
+has written its KV, then ``flush()`` so a scheduler in another process sees them through LMDB
+(a scheduler in the same process shares the store object and finds them in its RAM tier).
 
 Block mapping: vLLM's KV cache is paged in blocks of ``block_size`` tokens whose interior layout
 belongs to the attention backend (the CPU backend stores keys transposed, in an ISA-dependent
@@ -66,28 +67,34 @@ CONNECTOR_KEYS = ("model_id", "tenant")
 # -- one store per path per process ----------------------------------------------------------
 # LMDB forbids opening one environment twice in a process, and with
 # VLLM_ENABLE_V1_MULTIPROCESSING=0 the scheduler and worker connectors live in one process.
-_stores: dict[str, list] = {}  # resolved path -> [store, refcount]
+_stores: dict[str, list] = {}  # resolved path -> [store, list of roles using it]
 _stores_lock = threading.Lock()
 
 
-def _acquire_store(config: StoreConfig) -> KVStore:
+def _acquire_store(config: StoreConfig, role: KVConnectorRole) -> KVStore:
     key = str(config.path.resolve())
     with _stores_lock:
         entry = _stores.get(key)
-        if entry is None or entry[0]._closed:
-            entry = _stores[key] = [KVStore.open(config), 0]
-        entry[1] += 1
+        if entry is None:
+            entry = _stores[key] = [KVStore.open(config), []]
+        entry[1].append(role)
         return entry[0]
 
 
-def _release_store(store: KVStore) -> None:
+def _store_roles(store: KVStore) -> list[KVConnectorRole]:
+    with _stores_lock:
+        entry = _stores.get(str(store.config.path.resolve()))
+        return list(entry[1]) if entry is not None and entry[0] is store else []
+
+
+def _release_store(store: KVStore, role: KVConnectorRole) -> None:
     key = str(store.config.path.resolve())
     with _stores_lock:
         entry = _stores.get(key)
-        if entry is None or entry[0] is not store:
+        if entry is None or entry[0] is not store or role not in entry[1]:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
+        entry[1].remove(role)
+        if not entry[1]:
             del _stores[key]
             store.close()
 
@@ -123,7 +130,7 @@ def split_extra_config(extra: Mapping[str, Any]) -> tuple[StoreConfig, dict[str,
 # -- metadata: scheduler -> worker ------------------------------------------------------------
 @dataclasses.dataclass
 class LoadSpec:
-    """Fetch the store blocks of ``token_ids`` and write vLLM blocks ``first..end-1`` of the request.
+    """Fetch the store blocks of ``token_ids``; write the request's vLLM blocks ``first..end-1``.
 
     vLLM blocks before ``first_vllm_block`` hold vLLM's own prefix-cache hit and may be shared
     with other running requests, so they are never written.
@@ -197,13 +204,14 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.namespaces = [self._namespace(vllm_config, kv_cache_config, own, r)
                            for r in range(self.tp_size)]
-        if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
+        policy = self._kv_transfer_config.kv_load_failure_policy
+        if role == KVConnectorRole.SCHEDULER and policy != "recompute":
             # A block that fails to load (corrupt record, evicted since lookup) must cost a
             # recompute, never a failed request.
             log.info("kvstore connector: setting kv_load_failure_policy='recompute' (was %r)",
-                     self._kv_transfer_config.kv_load_failure_policy)
+                     policy)
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
-        self.store = _acquire_store(config)
+        self.store = _acquire_store(config, role)
         self.metrics = self.store.metrics
         # scheduler state
         self._reqs: dict[str, _ReqState] = {}
@@ -284,8 +292,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 end = state.local_tokens + state.external_tokens
                 meta.loads.append(LoadSpec(new.req_id, state.token_ids[:-(-end // bt) * bt],
                                            state.block_ids, state.local_tokens // vbs, end // vbs))
-            self._plan_save(meta, new.req_id, state,
-                            new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+            scheduled = scheduler_output.num_scheduled_tokens[new.req_id]
+            self._plan_save(meta, new.req_id, state, new.num_computed_tokens + scheduled)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._reqs.get(req_id)
@@ -297,14 +305,15 @@ class KVStoreConnector(KVConnectorBase_V1):
                     state.block_ids = list(ids[0])  # a resumed request gets its whole list anew
                 else:
                     state.block_ids.extend(ids[0])
-            self._plan_save(meta, req_id, state,
-                            cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id])
+            scheduled = scheduler_output.num_scheduled_tokens[req_id]
+            self._plan_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled)
         return meta
 
     def _plan_save(self, meta: KVStoreConnectorMetadata, req_id: str, state: _ReqState,
                    computed: int) -> None:
         full = min(computed, len(state.token_ids)) // self.block_tokens
-        if full > state.saved_blocks and len(state.block_ids) * self.vllm_block_size >= full * self.block_tokens:
+        allocated = len(state.block_ids) * self.vllm_block_size
+        if full > state.saved_blocks and allocated >= full * self.block_tokens:
             meta.saves.append(SaveSpec(req_id, state.token_ids[:full * self.block_tokens],
                                        state.block_ids[:full * self.per_block], state.saved_blocks))
             state.saved_blocks = full
@@ -401,10 +410,14 @@ class KVStoreConnector(KVConnectorBase_V1):
                 stored += self._save(spec)
             except Exception as e:  # best effort: a dropped save is a future miss
                 self._fault("store", e)
-        try:
-            self.store.flush()
-        except Exception as e:
-            self._fault("flush", e)
+        same_process = KVConnectorRole.SCHEDULER in _store_roles(self.store)
+        if not (same_process and self.store.config.host_bytes):
+            # The scheduler is another process (or has no RAM tier to look in): it sees new
+            # blocks only once they are committed to LMDB.
+            try:
+                self.store.flush()
+            except Exception as e:
+                self._fault("flush", e)
         self.metrics.add("vllm_stored_blocks", stored)
         self.metrics.observe("vllm_store_seconds", time.perf_counter() - t0)
 
@@ -424,7 +437,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
-        _release_store(self.store)
+        _release_store(self.store, self._role)
 
     # -- faults -------------------------------------------------------------------------------
     def _fault(self, stage: str, e: Exception) -> None:
