@@ -281,17 +281,13 @@ class KVStoreConnector(KVConnectorBase_V1):
         """Load orders for requests admitted with a store hit; save orders for every store block
         of a prompt whose last token is computed in this step."""
         meta = KVStoreConnectorMetadata()
-        bt, vbs = self.block_tokens, self.vllm_block_size
         for new in scheduler_output.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
             if state.load_pending:
-                state.load_pending = False
-                end = state.local_tokens + state.external_tokens
-                meta.loads.append(LoadSpec(new.req_id, state.token_ids[:-(-end // bt) * bt],
-                                           state.block_ids, state.local_tokens // vbs, end // vbs))
+                self._plan_load(meta, new.req_id, state)
             scheduled = scheduler_output.num_scheduled_tokens[new.req_id]
             self._plan_save(meta, new.req_id, state, new.num_computed_tokens + scheduled)
         cached = scheduler_output.scheduled_cached_reqs
@@ -300,14 +296,25 @@ class KVStoreConnector(KVConnectorBase_V1):
             if state is None:
                 continue
             ids = cached.new_block_ids[i]
+            resumed = req_id in cached.resumed_req_ids
             if ids is not None:
-                if req_id in cached.resumed_req_ids:
+                if resumed:
                     state.block_ids = list(ids[0])  # a resumed request gets its whole list anew
                 else:
                     state.block_ids.extend(ids[0])
+            if resumed and state.load_pending:
+                # A preempted request looked up again on re-admission loads like a new one.
+                self._plan_load(meta, req_id, state)
             scheduled = scheduler_output.num_scheduled_tokens[req_id]
             self._plan_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled)
         return meta
+
+    def _plan_load(self, meta: KVStoreConnectorMetadata, req_id: str, state: _ReqState) -> None:
+        state.load_pending = False
+        bt, vbs = self.block_tokens, self.vllm_block_size
+        end = state.local_tokens + state.external_tokens
+        meta.loads.append(LoadSpec(req_id, state.token_ids[:-(-end // bt) * bt], state.block_ids,
+                                   state.local_tokens // vbs, end // vbs))
 
     def _plan_save(self, meta: KVStoreConnectorMetadata, req_id: str, state: _ReqState,
                    computed: int) -> None:
