@@ -468,9 +468,10 @@ def cmd_purge(args: argparse.Namespace) -> Output:
     n = len(gone) if args.dry_run else removed
     text = [f"{verb} {n} block(s), {_human_bytes(nbytes)} stored"]
     if prompt is not None:
+        spaces = len({metas[k].namespace_id for k in chosen})
         text.append(f"  prompt {prompt.source}: {len(prompt.ids)} tokens, {len(prompt.ids) // bt} full "
-                    f"block(s), {len(chosen)} held from block {args.from_block}; {len(below)} block(s) "
-                    f"chained below them")
+                    f"block(s); {len(chosen)} held from block {args.from_block} (in {spaces} namespace(s)), "
+                    f"{len(below)} more chained below them")
     elif below:
         text.append(f"  including {len(below)} block(s) chained below the selected ones (unreachable without them)")
     text += [f"  {c:>8}  {name}" for name, c in sorted(by_ns.items(), key=lambda kv: -kv[1])]
@@ -549,8 +550,9 @@ def cmd_explain(args: argparse.Namespace) -> Output:
         with _open(args) as store:
             bt = args.block_tokens or store.config.block_tokens
             now = time.time()
+            others: list[str] = []
             if namespace is None:
-                namespace = _pick_namespace(store, [a.ids, b.ids], bt, now)
+                namespace, others = _pick_namespace(store, [a.ids, b.ids], bt, now)
             keys = list(dict.fromkeys(block_keys(namespace, a.ids, bt) + block_keys(namespace, b.ids, bt)))
             present = dict(zip(keys, store.disk.contains_many(keys, now)))
             held = lambda ks: [present[k] for k in ks]  # noqa: E731
@@ -559,17 +561,23 @@ def cmd_explain(args: argparse.Namespace) -> Output:
         bt = args.block_tokens or _config(args, path=".").block_tokens
         namespace = namespace or "default"
     report = explainlib.compare(a, b, bt, namespace, context=args.context, decode=decode, held=held)
+    if held is not None:
+        report["store"]["other_namespaces"] = others
     return Output(report, explainlib.render(report))
 
 
-def _pick_namespace(store: KVStore, prompts: list[list[int]], bt: int, now: float) -> str:
-    """The store's namespace that holds the first block of one of ``prompts``; else the config's."""
-    names = list(store.disk.namespaces().values())
+def _pick_namespace(store: KVStore, prompts: list[list[int]], bt: int, now: float) -> tuple[str, list[str]]:
+    """The store's namespace holding most blocks of ``prompts`` (else its only one, else the
+    config's), and the other namespaces that hold some of them."""
+    names = sorted(store.disk.namespaces().values())
+    held = {}
     for ns in names:
-        firsts = [keys[0] for p in prompts if (keys := block_keys(ns, p, bt, max_blocks=1))]
-        if any(store.disk.contains_many(firsts, now)):
-            return ns
-    return names[0] if len(names) == 1 else store.config.namespace
+        keys = [k for p in prompts for k in block_keys(ns, p, bt)]
+        held[ns] = sum(store.disk.contains_many(keys, now))
+    best = max(names, key=lambda ns: held[ns], default=None)
+    if best is None or not held[best]:
+        return (names[0] if len(names) == 1 else store.config.namespace), []
+    return best, [ns for ns in names if ns != best and held[ns]]
 
 
 def cmd_serve_metrics(args: argparse.Namespace) -> Output:

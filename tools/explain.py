@@ -223,32 +223,42 @@ def _rendered_fields(p: Prompt, i: int) -> set[str]:
 
 
 def _chat_diagnosis(a: Prompt, b: Prompt, token: int | None) -> dict:
-    """Where two chats part, by messages and by their rendering."""
+    """Where the prompts part in their messages (either or both may be chats)."""
+    def where(p: Prompt) -> dict | None:  # a prompt that ended at the split goes on nowhere
+        if p.spans is None or token is None or token >= len(p.ids):
+            return None
+        return _where(p, _char_at(p, token))
+
+    out: dict[str, Any] = {"where_a": where(a), "where_b": where(b), "first_different_message": None,
+                           "changed_fields": [], "template_dropped": []}
+    if a.kind != "chat" or b.kind != "chat":
+        return out
     ma, mb = a.messages, b.messages
     first_msg = next((i for i in range(min(len(ma), len(mb))) if ma[i] != mb[i]), None)
     if first_msg is None and len(ma) != len(mb):
         first_msg = min(len(ma), len(mb))
-    changed = []
+    out["first_different_message"] = first_msg
     if first_msg is not None and first_msg < min(len(ma), len(mb)):
         x, y = ma[first_msg], mb[first_msg]
-        changed = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
-    # Where each prompt goes on at the first different token (a prompt that ended goes nowhere).
-    out: dict[str, Any] = {"first_different_message": first_msg, "changed_fields": changed,
-                           "where_a": _where(a, _char_at(a, token)) if token is not None
-                           and token < len(a.ids) else None,
-                           "where_b": _where(b, _char_at(b, token)) if token is not None
-                           and token < len(b.ids) else None}
+        out["changed_fields"] = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
     # Identical messages the template renders differently: a field shown in one, dropped in the other.
-    dropped = []
     for i in range(min(len(ma), len(mb))):
         if ma[i] != mb[i]:
             continue
         fa, fb = _rendered_fields(a, i), _rendered_fields(b, i)
         for f in sorted(fa ^ fb):
-            dropped.append({"message": i, "role": ma[i].get("role"), "field": f,
-                            "rendered_in": "A" if f in fa else "B"})
-    out["template_dropped"] = dropped
+            out["template_dropped"].append({"message": i, "role": ma[i].get("role"), "field": f,
+                                            "rendered_in": "A" if f in fa else "B"})
     return out
+
+
+def _same_text_at_split(a: Prompt, b: Prompt, token: int) -> bool:
+    """Whether the first different tokens of A and B cover the same text (tokenized differently)."""
+    if a.offsets is None or b.offsets is None or token >= min(len(a.offsets), len(b.offsets)):
+        return False
+    (sa, ea), (sb, eb) = a.offsets[token], b.offsets[token]
+    k = max(ea - sa, eb - sb)  # the longer token's text must be in both
+    return k > 0 and a.text[sa:sa + k] == b.text[sb:sb + k]
 
 
 def _summary(a: Prompt, b: Prompt, token: int | None, chat: dict | None, bt: int) -> str:
@@ -260,19 +270,18 @@ def _summary(a: Prompt, b: Prompt, token: int | None, chat: dict | None, bt: int
         return (f"{long} starts with all of {short}" + (
             f"; the last {tail} token(s) of {short} fill no whole block, so they are never cached"
             if tail else ""))
-    if chat is not None:
+    if chat is not None and a.kind == b.kind == "chat":
         w = chat["where_a"] or {}
         i = w.get("message")
+        j = chat["first_different_message"]
         drop = next((d for d in chat["template_dropped"] if d["message"] == i), None)
-        if drop is None and chat["template_dropped"] and (chat["first_different_message"] is None
-                                                         or i is None or i < chat["first_different_message"]):
+        if drop is None and chat["template_dropped"] and (j is None or i is None or i < j):
             drop = chat["template_dropped"][0]
         if drop is not None:
             other = "B" if drop["rendered_in"] == "A" else "A"
             return (f"messages[{drop['message']}] ({drop['role']}) is the same in A and B, but the chat "
                     f"template renders its {drop['field']} in {drop['rendered_in']} and drops it in "
                     f"{other}: every token after it misses")
-        j = chat["first_different_message"]
         if j is not None and i is not None and i < j:
             return (f"messages[0..{j - 1}] are the same, but the chat template renders messages[{i}] "
                     f"differently (it depends on later messages or on the generation prompt)")
@@ -281,13 +290,34 @@ def _summary(a: Prompt, b: Prompt, token: int | None, chat: dict | None, bt: int
             return f"messages[{j}] ({a.messages[j].get('role')}) differs in {fields}"
         if j is not None:
             return f"the chats part after messages[{j - 1}] (one has more messages)"
+    elif chat is not None:
+        # One chat against stored token ids: typically a turn's prompt + the output the engine
+        # generated, against the next request, whose history carries the reply as the client kept it.
+        side, w = ("B", chat["where_b"]) if b.kind == "chat" else ("A", chat["where_a"])
+        if w is not None and w["in"] == "field" and w["role"] == "assistant":
+            other = "A" if side == "B" else "B"
+            return (f"{side}'s messages[{w['message']}].{w['field']} (assistant) is not what {other} holds "
+                    f"there (e.g. the reply the engine generated and stored differs from the one the "
+                    f"client sent back): every token after it misses")
+    if _same_text_at_split(a, b, token):
+        return "same text, tokenized differently (e.g. stored output ids that re-tokenizing does not reproduce)"
     if a.text is not None and b.text is not None:
         ca, cb = _char_at(a, token), _char_at(b, token)
         if ca is not None and cb is not None and a.text[ca:].split() == b.text[cb:].split():
             return "the prompts differ only in whitespace from here on"
-        if ca is not None and a.text == b.text:
-            return "same text, tokenized differently (e.g. stored output ids that re-tokenizing does not reproduce)"
     return f"the prompts differ from token {token} (block {token // bt})"
+
+
+def _with_text(p: Prompt, decode: Callable[[int], str] | None) -> Prompt:
+    """A token-id prompt with its decoded text and offsets (token by token), when a tokenizer is at hand."""
+    if p.text is not None or decode is None:
+        return p
+    pieces = [decode(t) for t in p.ids]
+    offsets, pos = [], 0
+    for piece in pieces:
+        offsets.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return dataclasses.replace(p, text="".join(pieces), offsets=offsets)
 
 
 def compare(a: Prompt, b: Prompt, block_tokens: int, namespace: str, *, context: int = 8,
@@ -303,12 +333,13 @@ def compare(a: Prompt, b: Prompt, block_tokens: int, namespace: str, *, context:
         held: block keys -> whether a store holds each (with a store).
     """
     bt = block_tokens
+    a, b = _with_text(a, decode), _with_text(b, decode)
     ka, kb = block_keys(namespace, a.ids, bt), block_keys(namespace, b.ids, bt)
     token = _first_difference(a.ids, b.ids)
     common = min(len(a.ids), len(b.ids)) if token is None else token
     # Chained keys are equal exactly up to the first block holding a different token.
     hit_blocks = next((i for i, (x, y) in enumerate(zip(ka, kb)) if x != y), min(len(ka), len(kb)))
-    chat = _chat_diagnosis(a, b, token) if a.kind == b.kind == "chat" else None
+    chat = _chat_diagnosis(a, b, token) if "chat" in (a.kind, b.kind) else None
     around = None
     if token is not None:
         lo = max(0, token - context)
@@ -401,6 +432,9 @@ def render(r: dict, *, max_rows: int = 12) -> str:
         s = r["store"]
         lines.append(f"store now  A: {s['a_held']}/{r['a']['full_blocks']} blocks held; "
                      f"B: {s['b_held']}/{r['b']['full_blocks']} held, would hit {s['b_hits_now_tokens']} tokens")
+        if s.get("other_namespaces"):
+            lines.append(f"           (in this namespace; {len(s['other_namespaces'])} other namespace(s) hold "
+                         f"some of these blocks too: pick one with --namespace)")
     chat = r["chat"]
     if chat is not None:
         for side in ("a", "b"):

@@ -165,7 +165,8 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     assert code == 0 and r["namespace"] == "tenant-a"  # the store's namespace holding the prompts
     assert r["first_different_token"] == 2 * B and r["first_different_block"] == 2
     assert r["b_after_a"] == {"hit_tokens": 2 * B, "hit_blocks": 2, "miss_tokens": 3 * B, "prompt_tokens": 5 * B}
-    assert r["store"] == {"a_held": 5, "b_held": 4, "b_hits_now_blocks": 4, "b_hits_now_tokens": 4 * B}
+    assert r["store"] == {"a_held": 5, "b_held": 4, "b_hits_now_blocks": 4, "b_hits_now_tokens": 4 * B,
+                          "other_namespaces": []}
     assert [row["state"] for row in r["blocks"]] == ["same", "same", "first difference",
                                                      "differs (chained)", "differs (chained)"]
     assert r["blocks"][0]["a"] == keys_of("main")[0].hex()

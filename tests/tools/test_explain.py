@@ -136,3 +136,29 @@ def test_a_tokenizer_directory(kv, tok, tmp_path):
     assert r["chat"]["template_dropped"][0]["field"] == "reasoning_content"
     code, _, err = kv("explain", a, b, "--tokenizer", tmp_path / "nope")
     assert code == 1 and "cannot load a tokenizer" in err
+
+
+def test_stored_output_against_the_reply_the_client_sent_back(kv, tok, tmp_path):
+    """A: what the engine stored for turn 1 (prompt + its own output ids); B: turn 2, whose
+    history holds a different reply."""
+    prompt = tok.apply_chat_template([SYSTEM, USER1], add_generation_prompt=True)["input_ids"]
+    stored = prompt + tok("Paris has been the capital since 987.")["input_ids"]
+    a = write(tmp_path, "a.json", stored)
+    b = write(tmp_path, "b.json", [SYSTEM, USER1, {"role": "assistant", "content": "It is Paris."}, USER2])
+    _, r, _ = kv("explain", a, b, "--block-tokens", BT, "--json")
+    assert r["first_different_token"] == len(prompt) and r["a"]["kind"] == "ids"
+    assert r["chat"]["where_b"]["message"] == 2 and r["chat"]["where_b"]["field"] == "content"
+    assert r["summary"].startswith("B's messages[2].content (assistant) is not what A holds there")
+
+
+def test_same_text_tokenized_differently(kv, tok, tmp_path):
+    word = "unbelievable"
+    a = write(tmp_path, "a.json", tok(word)["input_ids"])
+    b = write(tmp_path, "b.json", tok.convert_tokens_to_ids(list(word)))  # one token a letter
+    _, r, _ = kv("explain", a, b, "--tokenizer", hf_dir(), "--json")
+    assert r["summary"].startswith("same text, tokenized differently")
+
+
+def hf_dir():
+    from engine_adapter import hf_model
+    return hf_model.default_convert_dir()
