@@ -51,7 +51,11 @@ HELP = {
     "load_failed_blocks": "Matched blocks that could not be loaded (vanished or corrupt).",
     "orphan_blocks": "Blocks not stored because their parent block was no longer held.",
     "adapter_faults": "Store faults the engine adapter turned into misses, by stage.",
+    "promoted_blocks": "Blocks copied up into a faster tier after a hit lower down.",
+    "prefetched_blocks": "Blocks a prefetch moved up into the RAM tiers.",
+    "prefetch_errors": "Prefetches that failed (their blocks stayed where they were).",
     "load_seconds": "Seconds to load the hit blocks of one prompt.",
+    "put_seconds": "Seconds a put holds the caller (RAM copies and queueing the disk write).",
     "store_seconds": "Seconds per store: a prompt's new blocks, or one batch written to disk.",
 }
 # Counters exported at 0 before their first event, so that rate() and the dashboard work from the
