@@ -75,6 +75,8 @@ def _detect(path: str, raw: str, fmt: str) -> tuple[str, Any]:
                 data = data["messages"]
             elif isinstance(data.get("prompt"), str) and fmt in ("auto", "text"):
                 return "text", data["prompt"]
+    if data == [] or data == "":
+        raise KVStoreError(f"{path}: an empty prompt")
     if isinstance(data, list) and data and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
         kind = "ids"
     elif isinstance(data, list) and data and all(isinstance(m, dict) and "role" in m for m in data):

@@ -185,6 +185,7 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     (["inspect", "--path", "{store}", "xyz"], 1, "at least 4 hex digits"),
     (["explain", "{tmp}/missing.txt", "{tmp}/missing.txt"], 1, "cannot read"),
     (["explain", "{tmp}/bad.json", "{tmp}/bad.json"], 1, "neither a list of token ids"),
+    (["explain", "{tmp}/empty.json", "{tmp}/bad.json"], 1, "an empty prompt"),
     (["purge", "--path", "{store}", "--prefix-of", "{tmp}/bad.json"], 1, "neither a list of token ids"),
     (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "Address already in use"),
     (["frobnicate"], 2, "invalid choice"),
@@ -193,6 +194,7 @@ def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_p
     import socket
     open_store().close()  # an empty, valid store at tmp_path/store
     (tmp_path / "bad.json").write_text('{"neither": 1}')
+    (tmp_path / "empty.json").write_text("[]")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
