@@ -65,6 +65,11 @@ class WriteBehind:
     def queued(self, key: bytes) -> bool:
         return key in self._queued
 
+    def queued_keys(self) -> set[bytes]:
+        """A snapshot of the keys waiting to be written."""
+        with self._cond:
+            return set(self._queued)
+
     def submit(self, entries: Sequence[BlockEntry]) -> list[bool]:
         """Stages and queues ``entries`` (parent first); False where the queue was full.
 

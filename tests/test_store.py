@@ -84,6 +84,7 @@ def test_host_eviction_spills_and_disk_keeps_serving(open_store):
     prompts = [list(range(i * 1000, i * 1000 + 2 * B)) for i in range(4)]
     for i, p in enumerate(prompts):
         s.put(p, blocks_for(2, seed=i))
+    s.flush()  # blocks evicted from RAM before their disk write are visible once it lands
     assert s.stats()["tiers"]["host"]["entries"] <= 3
     for i, p in enumerate(prompts):
         assert same(s.get(s.match(p)), blocks_for(2, seed=i))
@@ -94,9 +95,11 @@ def test_disk_budget_holds_and_lru_keeps_parents(open_store, clock):
     s = open_store(host_bytes=0, compression="none", disk_bytes=10 * rec)
     long = list(range(8 * B))
     s.put(long, blocks_for(8))
+    s.flush()
     for i in range(5):  # 5 other prompts of one block each push the long chain out, tail first
         clock.advance(1)
         s.put(list(range(10_000 * (i + 1), 10_000 * (i + 1) + B)), [make_block(50 + i)])
+        s.flush()  # disk writes are write-behind: wait for them before looking at the disk
         used = s.stats()["tiers"]["disk"]
         assert used["bytes"] <= 10 * rec
         n = s.match(long, touch=False).num_blocks
@@ -110,12 +113,15 @@ def test_touch_on_match_protects_a_prefix(open_store, clock):
     s = open_store(host_bytes=0, compression="none", disk_bytes=4 * rec)
     a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
     s.put(a, blocks_for(2, 1))
+    s.flush()
     clock.advance(1)
     s.put(b, blocks_for(2, 2))
+    s.flush()
     clock.advance(1)
     assert s.match(a).num_blocks == 2  # a is now the most recent
     clock.advance(1)
     s.put(list(range(900, 900 + 2 * B)), blocks_for(2, 3))
+    s.flush()
     assert s.match(a).num_blocks == 2 and s.match(b).num_blocks == 0
 
 
@@ -125,6 +131,7 @@ def test_idle_ttl_expiry_and_pins(open_store, clock, tier_cfg):
     a, b = list(range(2 * B)), list(range(700, 700 + 2 * B))
     s.put(a, blocks_for(2))
     s.put(b, blocks_for(2, 1))
+    s.flush()
     assert s.pin(a, ttl_s=1000) == 2
     clock.advance(60)
     assert s.match(b).num_blocks == 2  # a hit refreshes the idle clock
@@ -195,6 +202,7 @@ def test_corrupt_disk_record_is_a_counted_miss_and_removed(open_store, tmp_path)
     toks = list(range(3 * B))
     s = open_store(host_bytes=0)
     s.put(toks, blocks_for(3))
+    s.flush()
     key = s.match(toks).keys[1]
     s.close()
     env = lmdb.open(str(tmp_path / "store" / "disk"), max_dbs=8)
@@ -211,6 +219,7 @@ def test_corrupt_disk_record_is_a_counted_miss_and_removed(open_store, tmp_path)
     assert s.stats()["corrupt_records"] == 1
     assert s.match(toks).num_blocks == 1  # removed: now a plain miss
     assert s.put(toks, blocks_for(3)[1:], start_block=1) == 1  # the next put heals the chain
+    s.flush()
     assert same(s.get(s.match(toks)), blocks_for(3))
 
 
@@ -252,6 +261,7 @@ def test_disk_map_grows_past_its_initial_size(open_store):
     toks = list(range(40 * 4))
     blocks = [torch.full(big, float(i), dtype=torch.float16) for i in range(40)]
     assert s.put(toks, blocks) == 40
+    s.flush()
     got = s.get(s.match(toks))
     assert len(got) == 40 and all(torch.equal(g, b) for g, b in zip(got, blocks))
 

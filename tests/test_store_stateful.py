@@ -4,7 +4,7 @@
 LRU within a budget of N records (uncompressed records have a fixed size), idle TTL, pins,
 purges, expiry and reopen. ``TwoTierMachine`` adds a small host tier, where spill and promotion
 make exact prediction a re-implementation; it checks the invariants instead: what is served is
-bit-exact, a match never exceeds what was stored, budgets hold, parents outlive children.
+bit-exact, a match never exceeds what was stored, budgets hold, nothing idle is served.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.cfg = StoreConfig(path=self.dir / "s", block_tokens=B, compression="none",
                                host_bytes=self.host_blocks * make_block(0).numel() * 2,
                                disk_bytes=CAPACITY * entry_cost(probe),
-                               host_ttl_s=TTL, disk_ttl_s=TTL)
+                               host_ttl_s=TTL, disk_ttl_s=TTL, io_threads=1)
         self.store = KVStore.open(self.cfg, clock=self.clock)
         self.stored: dict[tuple[int, ...], bytes] = {}  # every prefix ever stored -> key
 
@@ -96,15 +96,9 @@ class StoreMachine(RuleBasedStateMachine):
         """Hook: the store touched the first ``n`` blocks of ``path``."""
 
     @invariant()
-    def budgets_hold_and_parents_outlive_children(self):
+    def budgets_hold(self):
         for name, u in self.store.stats()["tiers"].items():
             assert u["bytes"] <= u["budget"], name
-        held = dict(self.store.disk.entries())
-        if self.store.host is not None:
-            held.update(self.store.host.entries())
-        for key, meta in held.items():
-            if meta.depth:
-                assert meta.parent in held, "a child outlived its parent"
 
 
 class ExactDiskModel(StoreMachine):
@@ -127,6 +121,7 @@ class ExactDiskModel(StoreMachine):
         now = self.clock.now
         n = self.store.put(tokens_of(path), [data_of(path[:i + 1]) for i in range(start, len(path))],
                            start_block=start)
+        self.store.flush()  # write-behind: the disk-only store shows a block once it is written
         # model
         if start and self.live_prefix(path[:start]) < start:
             assert n == 0
@@ -152,7 +147,7 @@ class ExactDiskModel(StoreMachine):
         for p in new[:keep]:
             self.model[p] = Entry(self.key(p), len(p) - 1, now)
             self.stored[p] = self.model[p].key
-        assert n == keep
+        assert n == len(new)  # queued; the budget drops the tail (keep) when written
 
     @rule(path=paths, tail=st.integers(0, B - 1))
     def match(self, path, tail):
@@ -191,18 +186,38 @@ class ExactDiskModel(StoreMachine):
             del self.model[p]
 
     @invariant()
+    def parents_outlive_children(self):
+        # In one tier a parent outlives its children (a parent may still be in the write queue,
+        # read first: blocks only move from it to the disk). Across tiers this cannot hold:
+        # they evict independently, and a RAM block whose parent left every tier is simply
+        # unreachable, never served, and ages out; so the two-tier machine does not check it.
+        queued = self.store.writer.queued_keys() if self.store.writer is not None else set()
+        disk = dict(self.store.disk.entries())
+        for key, meta in disk.items():
+            if meta.depth:
+                assert meta.parent in disk or meta.parent in queued, "a child outlived its parent"
+
+    @invariant()
     def entry_count_matches(self):
         assert self.store.stats()["tiers"]["disk"]["entries"] == len(self.model)
 
 
 class TwoTierMachine(StoreMachine):
     host_blocks = 3
+    flushing = True
+
+    @rule(flushing=st.booleans())
+    def write_behind_mode(self, flushing):
+        """Either wait for each put's disk writes, or let them overlap the next operations."""
+        self.flushing = flushing
 
     @rule(path=paths, start=st.integers(0, 4))
     def put(self, path, start):
         start = min(start, len(path) - 1)
         self.store.put(tokens_of(path), [data_of(path[:i + 1]) for i in range(start, len(path))],
                        start_block=start)
+        if self.flushing:
+            self.store.flush()
         for i in range(len(path)):
             self.stored.setdefault(path[:i + 1], self.key(path[:i + 1]))
 
@@ -232,6 +247,6 @@ class TwoTierMachine(StoreMachine):
 
 
 TestExactDiskModel = ExactDiskModel.TestCase
-TestExactDiskModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestExactDiskModel.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 TestTwoTiers = TwoTierMachine.TestCase
-TestTwoTiers.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+TestTwoTiers.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

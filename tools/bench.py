@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tools.bench {tiers,ttft} [--json] [--quick]``.
+"""Benchmarks: ``python -m tools.bench {tiers,pipeline,ttft} [--json] [--quick]``.
 
 Every figure is printed beside the machine's own limit measured in the same run (numpy copies
 into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
@@ -237,6 +237,75 @@ def bench_ttft(workdir: Path, lengths: tuple[int, ...], repeat: int) -> dict:
     return out
 
 
+def raw_read_GBps(path: Path) -> float:
+    """Cold sequential read speed of ``path`` (page cache dropped first), 8 MiB reads."""
+    drop_page_cache(path.parent)
+    buf = bytearray(8 * MiB)
+    n = 0
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            n += k
+    return n / (time.perf_counter() - t) / 1e9
+
+
+def bench_pipeline(blocks: list[torch.Tensor], workdir: Path) -> dict:
+    """put caller time vs a synchronous store; cold loads with and without prefetch."""
+    nbytes = blocks[0].numel() * blocks[0].element_size()
+    total = len(blocks) * nbytes
+    toks = list(range(len(blocks) * 64))
+
+    def fresh(name: str, **kw) -> KVStore:
+        return KVStore.open(StoreConfig(path=workdir / name, disk_bytes=4 * total + 64 * MiB,
+                                        host_bytes=kw.pop("host_bytes", 2 * total), **kw))
+
+    # Synchronous: put, then wait for compression and the durable commit.
+    with fresh("sync") as s:
+        s.put(toks[:64], blocks[:1])  # fixes the layout and starts the threads
+        s.flush()
+        t = time.perf_counter()
+        s.put(toks, blocks)
+        s.flush()
+        sync_s = time.perf_counter() - t
+    # Write-behind: what the engine waits for.
+    with fresh("async") as s:
+        s.put(toks[:64], blocks[:1])
+        s.flush()
+        t = time.perf_counter()
+        s.put(toks, blocks)
+        put_s = time.perf_counter() - t
+        s.flush()
+
+    def cold(name: str):
+        s = fresh(name, host_bytes=2 * total)
+        drop_page_cache(workdir / name / "disk")
+        return s
+
+    with cold("async") as s:  # get straight from cold disk
+        m = s.match(toks)
+        t = time.perf_counter()
+        got = s.get(m)
+        get_cold_s = time.perf_counter() - t
+        assert len(got) == len(blocks) and all(torch.equal(a, b) for a, b in zip(got, blocks))
+    with cold("async") as s:  # prefetch, then get
+        m = s.match(toks)
+        t = time.perf_counter()
+        s.prefetch(m).wait()
+        prefetch_s = time.perf_counter() - t
+        t = time.perf_counter()
+        got = s.get(m)
+        get_after_s = time.perf_counter() - t
+        assert len(got) == len(blocks)
+    raw = raw_read_GBps(workdir / "async" / "disk" / "data.mdb")
+    return {
+        "blocks": len(blocks), "block_MiB": nbytes / MiB,
+        "put_caller_ms": put_s * 1e3, "sync_store_ms": sync_s * 1e3, "put_ratio": put_s / sync_s,
+        "cold_get_GBps": total / get_cold_s / 1e9, "prefetch_GBps": total / prefetch_s / 1e9,
+        "get_after_prefetch_GBps": total / get_after_s / 1e9, "raw_disk_read_GBps": raw,
+        "cold_get_vs_raw_disk": total / get_cold_s / 1e9 / raw,
+    }
+
+
 # -- commands ---------------------------------------------------------------------------------
 def cmd_tiers(args) -> dict:
     n_small = 16 if args.quick else 64
@@ -304,7 +373,28 @@ def print_ttft(r: dict) -> None:
           " 1-pass: one prefill pass")
 
 
-COMMANDS = {"tiers": (cmd_tiers, print_tiers), "ttft": (cmd_ttft, print_ttft)}
+def cmd_pipeline(args) -> dict:
+    n = 16 if args.quick else 64
+    print(f"computing real KV of SmolLM2-135M ({n} blocks of 64 tokens)...", file=sys.stderr)
+    bf16 = [b.to(torch.bfloat16) for b in real_kv(torch.float32, n)]
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="kvstore-bench-"))
+    with tempfile.TemporaryDirectory(dir=base) as wd:
+        return {"pipeline": bench_pipeline(bf16, Path(wd))}
+
+
+def print_pipeline(r: dict) -> None:
+    p = r["pipeline"]
+    print(f"write-behind, {p['blocks']} real bf16 blocks of {p['block_MiB']:.1f} MiB")
+    print(f"  put (caller waits) {p['put_caller_ms']:.1f} ms vs synchronous store {p['sync_store_ms']:.1f} ms:"
+          f" ratio {p['put_ratio']:.3f} (target <= 0.1)")
+    print(f"loads of {p['blocks']} blocks from cold disk (raw KV GB/s)")
+    print(f"  get without prefetch {p['cold_get_GBps']:.2f} GB/s; raw disk read {p['raw_disk_read_GBps']:.2f} GB/s"
+          f" (ratio {p['cold_get_vs_raw_disk']:.2f})")
+    print(f"  prefetch {p['prefetch_GBps']:.2f} GB/s, then get {p['get_after_prefetch_GBps']:.2f} GB/s (RAM copies only)")
+
+
+COMMANDS = {"tiers": (cmd_tiers, print_tiers), "ttft": (cmd_ttft, print_ttft),
+            "pipeline": (cmd_pipeline, print_pipeline)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,6 +140,8 @@ class DiskTier:
         self._lock = threading.RLock()  # writers, pending touches, reopen; never held by readers
         self._gate = _RemapGate()
         self._pending: dict[bytes, float] = {}  # key -> last access not yet written
+        self._new_names: dict[int, str] = {}  # namespace names not yet written
+        self._known_names: set[int] = set()
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self._open()
@@ -182,9 +184,13 @@ class DiskTier:
                 txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=self._info)
 
     def _check_pid(self) -> None:
-        # LMDB environments must not cross fork(): a child reopens its own.
+        # LMDB environments must not cross fork(): a child reopens its own. Closing the
+        # inherited handle first is safe: LMDB clears only reader slots of the calling pid,
+        # and the parent's file locks are not the child's to release.
         if self._pid != os.getpid():
             self._pending.clear()
+            self._gate = _RemapGate()
+            self._env.close()
             self._open()
 
     def _reserve(self, nbytes: int) -> bool:
@@ -381,14 +387,22 @@ class DiskTier:
         return gone
 
     def put_many(self, entries: Sequence[BlockEntry], now: float,
-                 on_evict: EvictCallback | None = None, namespaces: dict[int, str] | None = None) -> list[bool]:
+                 on_evict: EvictCallback | None = None) -> list[bool]:
         """Encodes and stores ``entries`` in one write transaction (see ``Tier.put_many``).
 
-        Entries are taken in order and are expected parent first: when the budget cannot hold
-        them all, the tail (the deepest blocks) is dropped and counted.
+        When the budget cannot hold them all, the deepest blocks are dropped (a batch may mix
+        chains, e.g. spilled victims, which come deepest first): a parent is never dropped
+        while its child is stored.
         """
         if self.readonly:
             raise PermissionError(f"{self.path}: disk tier opened read-only")
+        order = sorted(range(len(entries)), key=lambda i: entries[i].meta.depth)
+        if order != list(range(len(entries))):
+            stored = self.put_many([entries[i] for i in order], now, on_evict)
+            result = [False] * len(entries)
+            for i, ok in zip(order, stored):
+                result[i] = ok
+            return result
         records = []
         for e in entries:
             rec = self.codec.encode(e.block)
@@ -397,15 +411,18 @@ class DiskTier:
         with self._lock:
             self._check_pid()
             touches = dict(self._pending)
+            names = dict(self._new_names)
             try:
                 stored, evicted = self._write(
-                    lambda txn: self._put_txn(txn, entries, records, now, touches, namespaces or {}))
+                    lambda txn: self._put_txn(txn, entries, records, now, touches, names))
             except (lmdb.Error, OSError):
                 self.metrics.add("io_errors", tier=self.name)
                 return [False] * len(entries)
             for key, ts in touches.items():
                 if self._pending.get(key) == ts:
                     del self._pending[key]
+            for ns_id in names:
+                self._new_names.pop(ns_id, None)
         self._report(evicted, on_evict)
         return stored
 
@@ -417,7 +434,7 @@ class DiskTier:
         present = [txn.get(e.key, db=self._meta) is not None for e in entries]
         new_cost = sum(e.meta.stored_bytes for e, p in zip(entries, present) if not p)
         batch = self._protected(txn, entries)
-        # Keep as many entries (parent first) as the budget allows, then free exactly that room.
+        # Keep as many entries (shallowest first) as the budget allows, then free that room.
         keep = len(entries)
         while keep and new_cost > self.capacity_bytes:
             keep -= 1
@@ -474,6 +491,13 @@ class DiskTier:
                              tier=self.name, reason=reason)
         if on_evict is not None and evicted:
             on_evict(evicted)
+
+    def register_namespace(self, ns_id: int, name: str) -> None:
+        """Records the name of a namespace id (written with the next put, for tools)."""
+        if ns_id not in self._known_names:
+            with self._lock:
+                self._new_names[ns_id] = name
+                self._known_names.add(ns_id)
 
     def touch_many(self, keys: Sequence[bytes], now: float) -> None:
         with self._lock:

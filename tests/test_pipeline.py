@@ -1,0 +1,234 @@
+"""Device tier, write-behind, prefetch, threads and processes."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from kvstore import KVStore, StoreConfig
+
+from .conftest import BLOCK_TOKENS as B, SHAPE, block_nbytes, make_block
+
+
+def blocks_for(n, seed=0):
+    return [make_block(seed * 1000 + i) for i in range(n)]
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
+
+
+def test_device_tier_is_looked_up_first_and_spills_down(open_store):
+    s = open_store(device="cpu", device_bytes=2 * block_nbytes(), host_bytes=4 * block_nbytes())
+    toks = list(range(3 * B))
+    s.put(toks, blocks_for(3))
+    s.flush()
+    m = s.match(toks)
+    assert m.blocks_by_tier == {"device": 2, "host": 1}  # the device tier holds 2 blocks
+    assert same(s.get(m), blocks_for(3))
+    st = s.stats()["tiers"]
+    assert st["device"]["entries"] == 2 and st["host"]["entries"] == 3 and st["disk"]["entries"] == 3
+
+
+def test_put_does_not_wait_for_disk_and_flush_makes_it_visible(open_store, tmp_path, clock):
+    clock.now = time.time()
+    s = open_store(host_bytes=0)
+    toks = list(range(4 * B))
+    assert s.put(toks, blocks_for(4)) == 4
+    s.flush()
+    out = subprocess.run([sys.executable, "-c", _READER, str(tmp_path / "store"), str(4 * B)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["4"]
+
+
+def test_full_write_queue_drops_and_counts(open_store):
+    s = open_store(host_bytes=0, write_queue_bytes=2 * block_nbytes(), io_threads=1)
+    # Hold the disk lock so the writer cannot drain the queue while we put.
+    with s.disk._lock:
+        stored = s.put(list(range(6 * B)), blocks_for(6))
+        assert stored == 2
+    s.flush()
+    assert s.stats()["dropped_writes"] == {"reason=queue_full,tier=disk": 4}
+    assert s.match(list(range(6 * B))).num_blocks == 2
+
+
+def test_prefetch_moves_disk_blocks_to_ram_and_get_then_reads_ram(open_store):
+    s = open_store()
+    toks = list(range(6 * B))
+    s.put(toks, blocks_for(6))
+    s.close()
+    s = open_store()
+    m = s.match(toks)
+    assert m.blocks_by_tier == {"disk": 6}
+    h = s.prefetch(m)
+    assert h.wait(timeout=60) and h.blocks == 6
+    assert s.match(toks).blocks_by_tier == {"host": 6}
+    before = s.metrics.total("corrupt_records"), s.disk.metrics.value("io_errors", tier="disk")
+    assert same(s.get(m), blocks_for(6))  # the stale match still loads, now from RAM
+    assert s.metrics.value("promoted_blocks", tier="host") == 0  # nothing came from disk in get
+    assert (s.metrics.total("corrupt_records"), s.disk.metrics.value("io_errors", tier="disk")) == before
+
+
+def test_get_loads_many_disk_blocks_in_parallel_bit_exact(open_store):
+    s = open_store(host_bytes=0, io_threads=2)
+    toks = list(range(40 * B))
+    s.put(toks, blocks_for(40))
+    s.flush()
+    assert same(s.get(s.match(toks)), blocks_for(40))
+
+
+def test_eight_threads_against_the_reference(open_store):
+    """Every thread puts, matches and gets its own and shared prompts; whatever is served is
+    exactly what was put for that prefix, and with budgets that hold everything, every block
+    put is found at the end."""
+    s = open_store(host_bytes=40 * block_nbytes(), disk_bytes=1 << 22)
+    shared = list(range(4 * B))
+    errors = []
+
+    def prompt(t, i):
+        return shared[:2 * B] + [10_000 * (t + 1) + 100 * i + j for j in range(2 * B)]
+
+    def data(t, i, b):
+        return make_block(7 if b < 2 else 100_000 + 100 * t + 10 * i + b)
+
+    def worker(t):
+        try:
+            for i in range(6):
+                p = prompt(t, i)
+                s.put(p, [data(t, i, b) for b in range(4)])
+                got = s.get(s.match(p))
+                for b, blk in enumerate(got):
+                    assert torch.equal(blk.view(torch.int16), data(t, i, b).view(torch.int16))
+                if i % 2:
+                    s.prefetch(s.match(prompt(t, i - 1))).wait(30)
+                if i == 3 and t % 4 == 0:
+                    s.flush()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors, errors
+    s.flush()
+    for t in range(8):
+        for i in range(6):
+            assert s.match(prompt(t, i)).num_blocks == 4
+    st = s.stats()["tiers"]
+    assert st["disk"]["entries"] == 2 + 8 * 6 * 2 and st["disk"]["bytes"] <= st["disk"]["budget"]
+
+
+_READER = """
+import sys
+from kvstore import KVStore, StoreConfig
+with KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0)) as s:
+    print(s.match(list(range(int(sys.argv[2])))).num_blocks)
+"""
+
+_WORKER = """
+import sys, torch
+from kvstore import KVStore, StoreConfig
+from tests.conftest import make_block
+me, other, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+mine = [me * 1000 + j for j in range(3 * 8)]
+theirs = [other * 1000 + j for j in range(3 * 8)]
+with KVStore.open(StoreConfig(path=path, block_tokens=8, host_bytes="1MiB")) as s:
+    s.put(mine, [make_block(me * 10 + b) for b in range(3)])
+    s.flush()
+    print("ready", flush=True)
+    sys.stdin.readline()  # wait until both have flushed
+    got = s.get(s.match(theirs))
+    ok = len(got) == 3 and all(torch.equal(g, make_block(other * 10 + b)) for b, g in enumerate(got))
+    print("saw" if ok else f"missed {len(got)}", flush=True)
+"""
+
+
+def test_two_worker_processes_share_one_disk_tier(tmp_path):
+    path = str(tmp_path / "shared")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(a), str(b), path], cwd=root,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for a, b in ((1, 2), (2, 1))]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    outs = [p.communicate("go\n", timeout=120)[0].strip() for p in procs]
+    assert outs == ["saw", "saw"]
+
+
+def _child_uses_inherited_store(store, toks, q):
+    try:
+        m = store.match(toks)
+        got = store.get(m)
+        store.put(toks + list(range(900, 900 + B)), [make_block(77)], start_block=3)
+        store.flush()
+        q.put((m.num_blocks, len(got)))
+    except Exception as e:  # reported to the parent
+        q.put(repr(e))
+
+
+def test_a_forked_child_reopens_lmdb_and_restarts_threads(open_store):
+    s = open_store(host_bytes=0)
+    toks = list(range(3 * B))
+    s.put(toks, blocks_for(3))
+    s.flush()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_uses_inherited_store, args=(s, toks, q))
+    p.start()
+    assert q.get(timeout=120) == (3, 3)
+    p.join(60)
+    assert p.exitcode == 0
+    assert s.match(toks + list(range(900, 900 + B))).num_blocks == 4  # the child's write
+    assert same(s.get(s.match(toks)), blocks_for(3))  # and the parent still works
+
+
+_HOLDER = """
+import sys, time
+from kvstore import KVStore, StoreConfig
+s = KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0))
+txn = s.disk._env.begin()  # a reader slot, held until the process is killed
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_stale_reader_slots_of_a_killed_process_are_cleared(open_store, tmp_path):
+    open_store().close()
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "store")],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "holding"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(30)
+    s = open_store()
+    assert str(p.pid) not in s.disk._env.readers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_tier_pinned_host_and_async_copies(tmp_path):
+    cfg = StoreConfig(path=tmp_path / "s", block_tokens=B, device="cuda", device_bytes=4 * block_nbytes(),
+                      host_bytes=8 * block_nbytes(), disk_bytes=1 << 22)
+    with KVStore.open(cfg) as s:
+        assert s.host._slab.is_pinned() and s.device_tier._slab.is_cuda
+        toks = list(range(6 * B))
+        blocks = [b.cuda() for b in blocks_for(6)]
+        s.put(toks, blocks)
+        s.flush()
+        got = s.get(s.match(toks))
+        assert all(g.is_cuda for g in got) and same([g.cpu() for g in got], blocks_for(6))
+        s.close()
+    with KVStore.open(cfg) as s:
+        m = s.match(toks)
+        assert s.prefetch(m).wait(60)
+        torch.cuda.synchronize()
+        got = s.get(m)
+        assert same([g.cpu() for g in got], blocks_for(6))
