@@ -78,6 +78,9 @@ class Match:
         return counts
 
 
+REMOVAL_POLL_S = 1.0  # how stale another process's purge may look to this one's RAM tiers
+
+
 class LoadHandle:
     """A prefetch in flight: ``wait()`` until the matched blocks are in the RAM tiers."""
 
@@ -158,6 +161,8 @@ class KVStore:
         self.ram_tiers: list[SlabTier] = [t for t in (self.device_tier, self.host) if t is not None]
         self.tiers: list[Tier] = [*self.ram_tiers, *([self.disk] if self.disk is not None else [])]
         self.writer: WriteBehind | None = None
+        self._removals_seen = self.disk.removal_epoch() if self.disk is not None else 0
+        self._removals_checked = time.monotonic()
         self._start_threads()
         self.block_shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
@@ -270,6 +275,7 @@ class KVStore:
         ns = self._ns(namespace)
         all_keys = keyslib.block_keys(ns, token_ids, self.config.block_tokens)
         n_tokens = len(token_ids)
+        self._sync_removals()
         now = self._clock()
         held: list[str | None] = [None] * len(all_keys)
         todo = list(range(len(all_keys)))
@@ -296,6 +302,28 @@ class KVStore:
         self.metrics.add("miss_tokens", n_tokens - match.num_tokens)
         self.metrics.add("requests")
         return match
+
+    def _sync_removals(self, force: bool = False) -> None:
+        """Drops from the RAM tiers what another process purged (polled at most once a second:
+        one small read transaction)."""
+        if self.disk is None or not self.ram_tiers:
+            return
+        if not force and time.monotonic() - self._removals_checked < REMOVAL_POLL_S:
+            return
+        self._removals_checked = time.monotonic()
+        try:
+            epoch, keys = self.disk.removals_since(self._removals_seen)
+        except Exception:  # best effort: the next poll tries again
+            self.metrics.add("io_errors", tier=self.disk.name)
+            return
+        if epoch == self._removals_seen:
+            return
+        for tier in self.ram_tiers:
+            if keys is None:
+                tier.purge(lambda k, m: True, self._clock())
+            else:
+                tier.delete_many([k for k, _ in tier.entries() if k in keys])
+        self._removals_seen = epoch
 
     def get(self, match: Match, out: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Loads the matched blocks, promoting blocks found lower to the RAM tiers above.

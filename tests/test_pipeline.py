@@ -232,3 +232,27 @@ def test_cuda_device_tier_pinned_host_and_async_copies(tmp_path):
         torch.cuda.synchronize()
         got = s.get(m)
         assert same([g.cpu() for g in got], blocks_for(6))
+
+
+_PURGER = """
+import sys
+from kvstore import KVStore, StoreConfig
+with KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0)) as s:
+    print(s.purge(namespace="tenant-b"))
+"""
+
+
+def test_a_purge_from_another_process_reaches_this_process_ram(open_store, tmp_path, clock):
+    clock.now = time.time()
+    s = open_store()
+    a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
+    s.put(a, blocks_for(2), namespace="tenant-a")
+    s.put(b, blocks_for(2, 1), namespace="tenant-b")
+    s.flush()
+    assert s.match(b, namespace="tenant-b").blocks_by_tier == {"host": 2}
+    out = subprocess.run([sys.executable, "-c", _PURGER, str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr
+    time.sleep(1.1)  # RAM tiers poll the disk tier's removal log once a second
+    assert s.match(b, namespace="tenant-b").num_blocks == 0
+    assert s.match(a, namespace="tenant-a").blocks_by_tier == {"host": 2}

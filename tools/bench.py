@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tools.bench {tiers,pipeline,ttft} [--json] [--quick]``.
+"""Benchmarks: ``python -m tools.bench {tiers,pipeline,ttft,vllm} [--json] [--quick]``.
 
 Every figure is printed beside the machine's own limit measured in the same run (numpy copies
 into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
@@ -393,8 +393,22 @@ def print_pipeline(r: dict) -> None:
     print(f"  prefetch {p['prefetch_GBps']:.2f} GB/s, then get {p['get_after_prefetch_GBps']:.2f} GB/s (RAM copies only)")
 
 
+def cmd_vllm(args) -> dict:
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:  # not imported here: vLLM reads env at import
+        raise SystemExit("bench vllm needs vLLM: run it with .venv-vllm/bin/python "
+                         "(make test-vllm builds that environment)")
+    from tools import bench_vllm
+    return bench_vllm.run(args)
+
+
+def print_vllm(r: dict) -> None:
+    from tools import bench_vllm
+    bench_vllm.show(r)
+
+
 COMMANDS = {"tiers": (cmd_tiers, print_tiers), "ttft": (cmd_ttft, print_ttft),
-            "pipeline": (cmd_pipeline, print_pipeline)}
+            "pipeline": (cmd_pipeline, print_pipeline), "vllm": (cmd_vllm, print_vllm)}
 
 
 def main(argv: list[str] | None = None) -> int:

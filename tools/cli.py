@@ -8,8 +8,8 @@ arguments, 1 for a store or input that cannot be used; ``verify`` exits 3 when i
 records it did not remove.
 
 Commands read the disk tier through short LMDB read transactions, which never block an engine's
-writes. A purge removes blocks from the disk tier; a running engine's RAM tier keeps its copies
-until it evicts them (kvstore does not yet carry purges across processes).
+writes. A purge removes blocks from the disk tier and logs them there; running engines drop the
+same blocks from their RAM tiers within a second.
 """
 
 from __future__ import annotations
@@ -476,7 +476,7 @@ def cmd_purge(args: argparse.Namespace) -> Output:
         text.append(f"  including {len(below)} block(s) chained below the selected ones (unreachable without them)")
     text += [f"  {c:>8}  {name}" for name, c in sorted(by_ns.items(), key=lambda kv: -kv[1])]
     if n and not args.dry_run:
-        text.append("note: a running engine's RAM tier keeps its copies until it evicts them")
+        text.append("running engines drop these blocks from their RAM tiers within a second")
     return Output(data, "\n".join(text))
 
 

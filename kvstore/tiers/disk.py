@@ -46,7 +46,8 @@ _U64 = struct.Struct("<Q")
 _NS = struct.Struct(">Q")
 _ENTRY_OVERHEAD = _META.size + 3 * 16 + 12 + 64  # keys, meta, lru row, LMDB node headers
 _MIN_MAP = 64 << 20
-_EXPIRE_BATCH = 1024  # expired entries removed per write transaction, to keep writes short
+_EXPIRE_BATCH = 1024
+_PURGE_LOG_EPOCHS = 256  # removal batches remembered for other processes' RAM tiers  # expired entries removed per write transaction, to keep writes short
 
 
 def entry_cost(record_len: int) -> int:
@@ -168,6 +169,7 @@ class DiskTier:
             self._lru = env.open_db(b"lru", create=not self.readonly)
             self._info = env.open_db(b"info", create=not self.readonly)
             self._names = env.open_db(b"namespaces", create=not self.readonly)
+            self._purges = env.open_db(b"purges", create=not self.readonly)
         except lmdb.Error as e:
             env.close()
             raise StoreOpenError(f"{self.path}: not a kvstore disk tier ({e})") from None
@@ -547,6 +549,8 @@ class DiskTier:
                     self._remove(txn, key, meta, t)
                     gone.append(Evicted(key, meta, None, reason))
             self._save_totals(txn, t)
+            if gone:
+                self._log_removal(txn, [ev.key for ev in gone])
             return gone
         with self._lock:
             self._check_pid()
@@ -559,6 +563,40 @@ class DiskTier:
                 return []
         self._report(gone, None)
         return gone
+
+    # -- removals other processes must see in their RAM tiers ----------------------------------
+    # A purge or a corrupt record removes a block for good: a RAM copy in another process would
+    # keep serving it. Each such removal bumps an epoch and logs the keys (the last
+    # _PURGE_LOG_EPOCHS removals); stores poll the epoch and drop those keys from their RAM.
+    def _log_removal(self, txn, keys: list[bytes]) -> None:
+        raw = txn.get(b"purge_epoch", db=self._info)
+        epoch = (_U64.unpack(raw)[0] if raw else 0) + 1
+        txn.put(b"purge_epoch", _U64.pack(epoch), db=self._info)
+        txn.put(_NS.pack(epoch), b"".join(keys), db=self._purges)
+        old = epoch - _PURGE_LOG_EPOCHS
+        if old > 0:
+            txn.delete(_NS.pack(old), db=self._purges)
+
+    def removal_epoch(self) -> int:
+        """The count of purges/corrupt removals ever made in this store (by any process)."""
+        with self._reading() as txn:
+            raw = txn.get(b"purge_epoch", db=self._info)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def removals_since(self, epoch: int) -> tuple[int, set[bytes] | None]:
+        """``(current epoch, keys removed after epoch)``; None for the keys when the log no
+        longer reaches back that far (drop everything)."""
+        with self._reading() as txn:
+            raw = txn.get(b"purge_epoch", db=self._info)
+            now = _U64.unpack(raw)[0] if raw else 0
+            keys: set[bytes] | None = set()
+            for e in range(epoch + 1, now + 1):
+                rec = txn.get(_NS.pack(e), db=self._purges)
+                if rec is None:
+                    return now, None
+                rec = bytes(rec)
+                keys.update(rec[i:i + 16] for i in range(0, len(rec), 16))
+        return now, keys
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         return len(self._delete(keys, "purge"))
