@@ -36,9 +36,14 @@ def is_pinned(meta: EntryMeta, now: float) -> bool:
     return meta.pinned_until > now
 
 
+def is_live(last_access: float, pinned_until: float, now: float, ttl_s: float) -> bool:
+    """Servable: used within ``ttl_s`` or pinned. (Plain floats: the disk tier's hot path.)"""
+    return pinned_until > now or now - last_access <= ttl_s
+
+
 def is_expired(meta: EntryMeta, now: float, ttl_s: float) -> bool:
     """Idle longer than ``ttl_s`` and not pinned: never to be served again."""
-    return now - meta.last_access > ttl_s and not is_pinned(meta, now)
+    return not is_live(meta.last_access, meta.pinned_until, now, ttl_s)
 
 
 def lru_rank(last_access: float, depth: int) -> bytes:

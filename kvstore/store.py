@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import collections
 import concurrent.futures
 import threading
 import time
@@ -72,10 +73,7 @@ class Match:
 
     @property
     def blocks_by_tier(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self.tiers:
-            counts[t] = counts.get(t, 0) + 1
-        return counts
+        return dict(collections.Counter(self.tiers))
 
 
 REMOVAL_POLL_S = 1.0  # how stale another process's purge may look to this one's RAM tiers
@@ -284,14 +282,16 @@ class KVStore:
                 break
             # The lowest tier is asked only up to its first miss: nothing after can match.
             last = level == len(self.tiers) - 1
-            found = tier.contains_many([all_keys[i] for i in todo], now, stop_at_miss=last)
+            found = tier.contains_many([all_keys[i] for i in todo] if level else all_keys, now,
+                                       stop_at_miss=last)
+            rest = []
             for i, hit in zip(todo, found):
                 if hit:
                     held[i] = tier.name
-            todo = [i for i, hit in zip(todo, found) if not hit]
-        n = 0
-        while n < len(held) and held[n] is not None:
-            n += 1
+                else:
+                    rest.append(i)
+            todo = rest
+        n = held.index(None) if None in held else len(held)
         match = Match(ns, tuple(all_keys[:n]), tuple(held[:n]), self.config.block_tokens,
                       n_tokens, tuple(all_keys))
         if touch and n:
@@ -546,7 +546,9 @@ class KVStore:
         keys = keyslib.block_keys(ns, token_ids, bt, max_blocks=end)
         self._check_blocks(blocks)
         now = self._clock()
-        if start_block and not any(t.contains_many([keys[start_block - 1]], now)[0] for t in self.tiers):
+        parent = keys[start_block - 1] if start_block else b""
+        if parent and not (any(t.contains_many([parent], now)[0] for t in self.tiers)
+                           or (self.writer is not None and self.writer.queued(parent))):
             self.metrics.add("orphan_blocks", len(blocks))
             return 0
         ns_id = keyslib.namespace_id(ns)

@@ -256,3 +256,13 @@ def test_a_purge_from_another_process_reaches_this_process_ram(open_store, tmp_p
     time.sleep(1.1)  # RAM tiers poll the disk tier's removal log once a second
     assert s.match(b, namespace="tenant-b").num_blocks == 0
     assert s.match(a, namespace="tenant-a").blocks_by_tier == {"host": 2}
+
+
+def test_a_chain_can_be_extended_while_its_parent_is_still_queued(open_store):
+    s = open_store(host_bytes=0, io_threads=1)
+    toks = list(range(4 * B))
+    with s.disk._lock:  # the writer cannot drain while we extend the chain
+        s.put(toks[:2 * B], blocks_for(4)[:2])
+        assert s.put(toks, blocks_for(4)[2:], start_block=2) == 2
+    s.flush()
+    assert same(s.get(s.match(toks)), blocks_for(4))

@@ -36,12 +36,14 @@ import torch
 
 from ..codec import Codec
 from ..errors import CorruptEntryError, IncompatibleFormatError, StoreOpenError
-from ..eviction import EntryMeta, is_expired, is_pinned, lru_rank
+from ..eviction import EntryMeta, is_expired, is_live, is_pinned, lru_rank
 from ..metrics import Metrics
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
 
 DISK_FORMAT_VERSION = 1
 _META = struct.Struct("<QIdddQQ16s")
+_TIMES = struct.Struct("<dd")  # last_access, pinned_until inside _META
+_TIMES_AT = 20
 _U64 = struct.Struct("<Q")
 _NS = struct.Struct(">Q")
 _ENTRY_OVERHEAD = _META.size + 3 * 16 + 12 + 64  # keys, meta, lru row, LMDB node headers
@@ -271,11 +273,21 @@ class DiskTier:
         return None if is_expired(meta, now, self.ttl_s) else meta
 
     def contains_many(self, keys: Sequence[bytes], now: float, stop_at_miss: bool = False) -> list[bool]:
+        # The hot path of every lookup (2,000 keys for a 128k-token prompt): read only the two
+        # times from each packed meta, no EntryMeta objects.
         out: list[bool] = []
+        pending, ttl = self._pending, self.ttl_s
         try:
             with self._reading() as txn:
+                get, db = txn.get, self._meta
                 for key in keys:
-                    hit = self._live_meta(txn, key, now) is not None
+                    raw = get(key, db=db)
+                    if raw is None:
+                        hit = False
+                    else:
+                        last, pinned = _TIMES.unpack_from(raw, _TIMES_AT)
+                        # A pending touch only makes an entry newer: look it up only if needed.
+                        hit = is_live(last, pinned, now, ttl) or is_live(pending.get(key, 0.0), pinned, now, ttl)
                     out.append(hit)
                     if stop_at_miss and not hit:
                         break
