@@ -55,6 +55,12 @@ class Metrics:
         with self._lock:
             return sum(self._counters.get(name, {}).values())
 
+    def flat(self) -> dict[str, float]:
+        """Every counter series as ``"name|label=value,..."`` -> value (the persisted form)."""
+        with self._lock:
+            return {f"{n}|{','.join(f'{k}={v}' for k, v in labels)}": value
+                    for n, series in self._counters.items() for labels, value in series.items()}
+
     def snapshot(self) -> dict:
         """A copy: ``{"counters": {name: {labels: value}}, "histograms": {name: {labels: {...}}}}``.
 

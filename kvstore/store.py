@@ -77,6 +77,7 @@ class Match:
 
 
 REMOVAL_POLL_S = 1.0  # how stale another process's purge may look to this one's RAM tiers
+COUNTERS_EVERY_S = 5.0  # how often write-behind threads persist this process's counters
 
 
 class LoadHandle:
@@ -161,6 +162,9 @@ class KVStore:
         self.writer: WriteBehind | None = None
         self._removals_seen = self.disk.removal_epoch() if self.disk is not None else 0
         self._removals_checked = time.monotonic()
+        self._counters_lock = threading.Lock()
+        self._persisted: dict[str, float] = {}
+        self._persisted_at = time.monotonic()
         self._start_threads()
         self.block_shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
@@ -178,6 +182,7 @@ class KVStore:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
+                    self._persisted = self.metrics.flat()  # inherited counts are the parent's
                     self._start_threads()
                     if self.writer is not None:
                         self.writer.after_fork()
@@ -210,7 +215,7 @@ class KVStore:
                 nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
                 self.writer = WriteBehind(self.disk, self.config.write_queue_bytes // nbytes,
                                           tuple(shape), dtype, self.config.io_threads, self._clock,
-                                          self.metrics)
+                                          self.metrics, after_batch=self._after_batch)
             self.block_shape, self.dtype = tuple(shape), dtype
 
     def _check_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
@@ -694,14 +699,33 @@ class KVStore:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until every block put so far is on disk, durable and visible to other
-        processes, and writes pending last-access times. False if ``timeout`` ran out."""
+        processes, and writes pending last-access times and this process's counters (so
+        ``kvstore stats`` sees lifetime hits and misses). False if ``timeout`` ran out."""
         if self._closed:
             return True
         self._check_fork()
         done = self.writer.flush(timeout) if self.writer is not None else True
         if self.disk is not None:
             self.disk.flush()
+            self.persist_counters()
         return done
+
+    def persist_counters(self) -> None:
+        """Adds what this process counted since the last call to the disk tier's lifetime
+        counters. Called by ``flush``/``close`` and, at most every COUNTERS_EVERY_S, by the
+        write-behind threads (never on the caller's path)."""
+        if self.disk is None:
+            return
+        with self._counters_lock:
+            now = self.metrics.flat()
+            deltas = {k: v - self._persisted.get(k, 0) for k, v in now.items() if v != self._persisted.get(k, 0)}
+            self.disk.add_counters(deltas)
+            self._persisted = now
+            self._persisted_at = time.monotonic()
+
+    def _after_batch(self) -> None:
+        if time.monotonic() - self._persisted_at >= COUNTERS_EVERY_S:
+            self.persist_counters()
 
     def close(self) -> None:
         """Writes what is queued, stops the background threads and releases every tier.
@@ -711,6 +735,9 @@ class KVStore:
                 return
             if self.writer is not None:
                 self.writer.close()
+            if self.disk is not None:
+                self.disk.flush()
+                self.persist_counters()
             self._prefetcher.shutdown(wait=True)
             self._loaders.shutdown(wait=True)
             for tier in self.tiers:

@@ -35,11 +35,14 @@ class WriteBehind:
         clock: the store's clock (for the tier's expiry sweeps).
         metrics: counts drops (``dropped_writes{tier,reason=queue_full}``) and batch times.
         batch: most blocks in one write transaction.
+        after_batch: called on a writer thread after each batch (the store persists counters).
     """
 
     def __init__(self, tier: Tier, slots: int, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 threads: int, clock: Callable[[], float], metrics: Metrics, batch: int = 64):
+                 threads: int, clock: Callable[[], float], metrics: Metrics, batch: int = 64,
+                 after_batch: Callable[[], None] | None = None):
         self.tier, self.clock, self.metrics, self.batch = tier, clock, metrics, batch
+        self.after_batch = after_batch
         self._staging = torch.empty((max(slots, 0), *block_shape), dtype=dtype)
         fill_zero(self._staging)
         self._threads_wanted = threads
@@ -124,6 +127,8 @@ class WriteBehind:
                 self.metrics.add("dropped_writes", stored.count(False), tier=self.tier.name,
                                  reason="capacity")
                 self.metrics.observe("store_seconds", time.perf_counter() - t0)
+                if self.after_batch is not None:
+                    self.after_batch()
             except Exception:  # a bug must not kill the writer: count it and go on
                 log.exception("kvstore write-behind batch failed")
                 self.metrics.add("dropped_writes", len(items), tier=self.tier.name, reason="error")

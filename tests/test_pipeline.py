@@ -266,3 +266,19 @@ def test_a_chain_can_be_extended_while_its_parent_is_still_queued(open_store):
         assert s.put(toks, blocks_for(4)[2:], start_block=2) == 2
     s.flush()
     assert same(s.get(s.match(toks)), blocks_for(4))
+
+
+def test_counters_outlive_the_process_and_add_up_across_processes(open_store):
+    s = open_store()
+    toks = list(range(2 * B))
+    s.match(toks)
+    s.put(toks, blocks_for(2))
+    s.match(toks)
+    s.close()
+    s2 = open_store()
+    s2.match(toks + [1])
+    s2.flush()
+    c = s2.disk.counters()
+    assert c["requests|"] == 3
+    assert c["miss_tokens|"] == 2 * B + 1 and c["hit_tokens|tier=host"] == 2 * B
+    assert c["hit_tokens|tier=disk"] == 2 * B  # the second process's hit came from disk

@@ -201,11 +201,34 @@ def _descendants(entries: Iterable[tuple[bytes, EntryMeta]], roots: set[bytes]) 
 
 
 # -- commands ---------------------------------------------------------------------------------
+def _lifetime_counters(flat: dict[str, float]) -> dict:
+    """The store's persisted counters (``name|label=value,...`` -> value), grouped for stats."""
+    def series(name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, value in flat.items():
+            n, _, labels = key.partition("|")
+            if n == name:
+                out[labels or "total"] = out.get(labels or "total", 0) + value
+        return out
+
+    hits = {k.removeprefix("tier="): v for k, v in series("hit_tokens").items()}
+    hit, miss = sum(hits.values()), sum(series("miss_tokens").values())
+    return {
+        "requests": sum(series("requests").values()),
+        "hit_tokens": hits, "hit_tokens_total": hit, "miss_tokens": miss,
+        "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
+        "evictions": series("evictions"),
+        "dropped_writes": sum(series("dropped_writes").values()),
+        "corrupt_records": sum(series("corrupt_records").values()),
+    }
+
+
 def cmd_stats(args: argparse.Namespace) -> Output:
     with _open(args) as store:
         now = time.time()
         entries, names, u = store.disk.entries(), store.disk.namespaces(), store.disk.usage()
         ttl, bt = store.config.disk_ttl_s, store.config.block_tokens
+        lifetime = _lifetime_counters(store.disk.counters())
     per_ns: dict[str, dict[str, int]] = {}
     for _, m in entries:
         ns = per_ns.setdefault(_ns_label(names, m.namespace_id),
@@ -232,9 +255,9 @@ def cmd_stats(args: argparse.Namespace) -> Output:
             "most_recent_access": _iso(max(access, default=None)),
         }},
         "namespaces": per_ns,
-        # Hit/miss tokens and evictions are counted in each engine process and not stored on
-        # disk yet: an outside tool cannot see them (serve them from the engine: tools.exporter).
-        "counters": None,
+        # Summed over every process that used the store, as of each one's last flush (engines
+        # persist theirs every few seconds while they write).
+        "counters": lifetime,
     }
     ratio = f", ratio {u.raw_bytes / u.bytes:.2f}" if u.bytes else ""
     lines = [
@@ -246,7 +269,11 @@ def cmd_stats(args: argparse.Namespace) -> Output:
         f"created      oldest {_when(min(created, default=None), now)}, newest {_when(max(created, default=None), now)}",
         f"last access  least recent {_when(min(access, default=None), now)}, most recent "
         f"{_when(max(access, default=None), now)}",
-        "counters     hit/miss tokens and evictions are counted in the engine process: see its /metrics",
+        f"requests     {lifetime['requests']:.0f}; hit tokens {lifetime['hit_tokens_total']:.0f} "
+        f"({', '.join(f'{t} {v:.0f}' for t, v in sorted(lifetime['hit_tokens'].items())) or 'none'}), "
+        f"miss tokens {lifetime['miss_tokens']:.0f}; hit rate {100 * lifetime['hit_rate']:.1f}%",
+        "evictions    " + (", ".join(f"{k} {v:.0f}" for k, v in sorted(lifetime["evictions"].items())) or "none")
+        + f"; dropped writes {lifetime['dropped_writes']:.0f}; corrupt records {lifetime['corrupt_records']:.0f}",
     ]
     if per_ns:
         lines.append("namespaces")

@@ -172,6 +172,7 @@ class DiskTier:
             self._info = env.open_db(b"info", create=not self.readonly)
             self._names = env.open_db(b"namespaces", create=not self.readonly)
             self._purges = env.open_db(b"purges", create=not self.readonly)
+            self._counters = env.open_db(b"counters", create=not self.readonly)
         except lmdb.Error as e:
             env.close()
             raise StoreOpenError(f"{self.path}: not a kvstore disk tier ({e})") from None
@@ -609,6 +610,30 @@ class DiskTier:
                 rec = bytes(rec)
                 keys.update(rec[i:i + 16] for i in range(0, len(rec), 16))
         return now, keys
+
+    # -- lifetime counters of every process, for tools outside the engine -------------------
+    def add_counters(self, deltas: dict[str, float]) -> None:
+        """Adds ``deltas`` (series name -> increment) to the store's lifetime counters."""
+        if self.readonly or not deltas:
+            return
+
+        def txn_fn(txn):
+            for name, delta in deltas.items():
+                key = name.encode()
+                raw = txn.get(key, db=self._counters)
+                old = struct.unpack("<d", raw)[0] if raw else 0.0
+                txn.put(key, struct.pack("<d", old + delta), db=self._counters)
+        with self._lock:
+            self._check_pid()
+            try:
+                self._write(txn_fn)
+            except (lmdb.Error, OSError):
+                self.metrics.add("io_errors", tier=self.name)
+
+    def counters(self) -> dict[str, float]:
+        """Lifetime counters summed over every process that used the store."""
+        with self._reading() as txn:
+            return {bytes(k).decode(): struct.unpack("<d", v)[0] for k, v in txn.cursor(db=self._counters)}
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         return len(self._delete(keys, "purge"))

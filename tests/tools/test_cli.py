@@ -34,9 +34,14 @@ def test_stats(shared_engine, kv):
     assert data["namespaces"]["tenant-a"]["longest_chain_tokens"] == 5 * B
     assert data["namespaces"]["tenant-b"]["entries"] == 3
     assert 2.9 * 86400 < time.time() - _ts(disk["oldest_created"]) < 3.1 * 86400
-    assert data["counters"] is None  # per process: not visible from outside yet
+    # Lifetime counters the engine persisted on flush: its 5 lookups while filling and pinning
+    # (other tests may add more through the same engine).
+    c = data["counters"]
+    assert c["requests"] >= 5 and c["hit_tokens_total"] >= 5 * B and c["miss_tokens"] >= 14 * B
+    assert c["hit_rate"] == pytest.approx(c["hit_tokens_total"] / (c["hit_tokens_total"] + c["miss_tokens"]))
     code, text, _ = kv("stats", "--path", shared_engine.path, "--config", shared_engine.config)
     assert f"{TOTAL_BLOCKS} blocks" in text and "tenant-b" in text and "3 pinned" in text
+    assert "hit rate" in text and "miss tokens" in text
 
 
 def _ts(iso):
