@@ -143,12 +143,14 @@ def _load_pretrained(
 def _convert_gguf(directory: Path, gguf: str, dtype: torch.dtype, convert_dir: Path) -> Path:
     """Ensure ``convert_dir`` holds a plain checkpoint de-quantized from the GGUF; return it.
 
-    The stamp records the source file's path, size, mtime and the dtype, so a
+    The stamp records the source file's name, size and the dtype, so a
     changed GGUF or dtype triggers a fresh conversion.
     """
     src = (directory / gguf).resolve()
     st = src.stat()
-    stamp = {"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": str(dtype)}
+    # Name, size and dtype, not path or mtime: every virtualenv installs its own copy of the
+    # same file, and they must share one conversion.
+    stamp = {"gguf": src.name, "size": st.st_size, "dtype": str(dtype)}
     marker = convert_dir / _CONVERT_STAMP
     try:
         if json.loads(marker.read_text()) == stamp:
