@@ -13,7 +13,7 @@ import torch
 
 from kvstore import KVStore, StoreConfig
 
-from .conftest import BLOCK_TOKENS as B, SHAPE, block_nbytes, make_block
+from .conftest import BLOCK_TOKENS as B, block_nbytes, make_block
 
 
 def blocks_for(n, seed=0):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvstore import KVStore, StoreConfig, keys
 from kvstore.tiers.disk import entry_cost

@@ -2,7 +2,6 @@
 
 import lmdb
 import pytest
-import torch
 
 from engine_adapter import scenarios as sc
 from engine_adapter.hf import CachedLM, Prices
