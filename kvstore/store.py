@@ -363,7 +363,9 @@ class KVStore:
         now = self._clock()
         source = self._load(match.keys, outs, now)
         loaded = source.index(None) if None in source else n
-        self._promote(match, outs[:loaded], source[:loaded], now)
+        if self._promote(match.namespace, match.all_keys, range(loaded), outs, source, now):
+            for tier in self.ram_tiers:  # the promoted chain is in use: touch it as one path
+                tier.touch_many(match.keys[:loaded], now)
         if loaded < n:
             self.metrics.add("load_failed_blocks", n - loaded)
         self.metrics.observe("load_seconds", time.perf_counter() - t0)
@@ -420,19 +422,20 @@ class KVStore:
                 copy_block(o, s)
         return ok
 
-    def _promote(self, match: Match, blocks: list[torch.Tensor], source: list[str | None],
-                 now: float) -> None:
-        """Copies blocks served by a lower tier into every RAM tier above their source."""
+    def _promote(self, namespace: str, all_keys: Sequence[bytes], positions: Sequence[int],
+                 blocks: Sequence[torch.Tensor], source: Sequence[str | None], now: float) -> int:
+        """Copies ``blocks[j]`` (block ``positions[j]`` of the chain ``all_keys``), which tier
+        ``source[j]`` supplied, into every RAM tier above that one; returns the copies made."""
         names = [t.name for t in self.tiers]
+        moved = 0
         for level, tier in enumerate(self.ram_tiers):
-            entries = [
-                BlockEntry(match.keys[i], blocks[i], self._meta(match.namespace, match.all_keys, i, now))
-                for i in range(len(blocks)) if names.index(source[i]) > level
-            ]
+            entries = [BlockEntry(all_keys[p], blocks[j], self._meta(namespace, all_keys, p, now))
+                       for j, p in enumerate(positions)
+                       if source[j] is not None and names.index(source[j]) > level]
             if entries:
-                tier.put_many(entries, now, on_evict=self._spill_from(level))
-                tier.touch_many(match.keys[:len(blocks)], now)
+                moved += sum(tier.put_many(entries, now, on_evict=self._spill_from(level)))
                 self.metrics.add("promoted_blocks", len(entries), tier=tier.name)
+        return moved
 
     def prefetch(self, match: Match) -> LoadHandle:
         """Starts moving the matched blocks up to the RAM tiers in the background.
@@ -455,18 +458,8 @@ class KVStore:
                     return 0
                 # Stage on the CPU; the promotion copies into the device tier if there is one.
                 tmp = [torch.empty(self.block_shape, dtype=self.dtype) for _ in missing]
-                sub = Match(match.namespace, tuple(match.keys[i] for i in missing),
-                            tuple(match.tiers[i] for i in missing), match.block_tokens,
-                            match.prompt_tokens, match.all_keys)
-                source = self._load(sub.keys, tmp, now)
-                moved = 0
-                for level, tier in enumerate(self.ram_tiers):
-                    entries = [BlockEntry(sub.keys[j], tmp[j], self._meta(match.namespace, match.all_keys, i, now))
-                               for j, i in enumerate(missing)
-                               if source[j] is not None and source[j] != tier.name
-                               and [t.name for t in self.tiers].index(source[j]) > level]
-                    if entries:
-                        moved += sum(tier.put_many(entries, now, on_evict=self._spill_from(level)))
+                source = self._load([match.keys[i] for i in missing], tmp, now)
+                moved = self._promote(match.namespace, match.all_keys, missing, tmp, source, now)
                 self.metrics.add("prefetched_blocks", moved)
                 return moved
             except Exception:  # best effort, like every load
