@@ -14,8 +14,6 @@ Needs .venv-vllm (``make test-vllm`` builds it). Run: ``python -m tools.bench_vl
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import statistics
@@ -126,17 +124,9 @@ def show(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_vllm", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--quick", action="store_true", help="one short prompt: a smoke run, not figures")
-    p.add_argument("--workdir", help="directory for the temporary store (default: the system temp dir)")
-    args = p.parse_args(argv)
-    results = run(args)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        show(results)
-    return 0
+    """Same as ``python -m tools.bench vllm``: one command line for every benchmark."""
+    from tools import bench
+    return bench.main(["vllm", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
