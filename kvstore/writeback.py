@@ -33,7 +33,8 @@ class WriteBehind:
         block_shape, dtype: the layout of every block.
         threads: background writer threads.
         clock: the store's clock (for the tier's expiry sweeps).
-        metrics: counts drops (``dropped_writes{tier,reason=queue_full}``) and batch times.
+        metrics: counts drops of a full queue (``dropped_writes{tier,reason=queue_full}``;
+            the tier counts its own: capacity, no_space, io_error) and batch times.
         batch: most blocks in one write transaction.
         after_batch: called on a writer thread after each batch (the store persists counters).
     """
@@ -124,8 +125,6 @@ class WriteBehind:
             try:
                 stored = self.tier.put_many([e for e, _ in items], self.clock())
                 self.metrics.add("stored_blocks", stored.count(True), tier=self.tier.name)
-                self.metrics.add("dropped_writes", stored.count(False), tier=self.tier.name,
-                                 reason="capacity")
                 self.metrics.observe("store_seconds", time.perf_counter() - t0)
                 if self.after_batch is not None:
                     self.after_batch()

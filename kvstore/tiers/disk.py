@@ -3,11 +3,14 @@
 Every LMDB rule of the project lives in this file:
 - each transaction is a ``with env.begin(...)`` block; read transactions stay short;
 - ``buffers=True`` values are decoded (copied) before their transaction ends;
-- ``writemap=True`` (measured fastest for large values), with the data file preallocated by
-  ``posix_fallocate`` before the map grows, so a full disk fails the growth cleanly instead of
-  raising SIGBUS on a write into a sparse hole;
+- ``writemap=True`` (measured fastest for large values). With it a write into a page the disk
+  never allocated is SIGBUS when the disk is full, so no write transaction runs until the data
+  file is allocated (``posix_fallocate``) up to the map size, the lock file is created
+  allocated, and a full disk turns into dropped writes;
 - ``set_mapsize`` only outside transactions, on ``MapFullError`` (grow) and ``MapResizedError``
-  (another process grew it);
+  (another process grew it). With writemap LMDB truncates the file to the map size it is given,
+  so opening and every map change hold ``resize.lock`` and never map less than the file: no
+  process shrinks the file under another's map;
 - ``reader_check()`` at open clears reader slots of killed processes;
 - never ``readahead=False`` (measured 30 MB/s cold);
 - the environment belongs to the process that opened it: a forked child reopens it.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import os
 import struct
 import threading
@@ -48,8 +52,14 @@ _U64 = struct.Struct("<Q")
 _NS = struct.Struct(">Q")
 _ENTRY_OVERHEAD = _META.size + 3 * 16 + 12 + 64  # keys, meta, lru row, LMDB node headers
 _MIN_MAP = 64 << 20
-_EXPIRE_BATCH = 1024
-_PURGE_LOG_EPOCHS = 256  # removal batches remembered for other processes' RAM tiers  # expired entries removed per write transaction, to keep writes short
+_NEW_MAP = 1 << 20  # a new store's first map; growth reserves the rest as it is needed
+_MIN_STEP = 1 << 20  # the smallest growth asked of a nearly full disk
+# LMDB's reader table for max_readers=512 (64-byte slots after a 192-byte header), in whole pages.
+_LOCK_BYTES = 36864
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_DBS = (b"records", b"meta", b"lru", b"info", b"namespaces", b"purges", b"counters")
+_EXPIRE_BATCH = 1024  # expired entries removed per write transaction, to keep writes short
+_PURGE_LOG_EPOCHS = 256  # removal batches remembered for other processes' RAM tiers
 
 
 def entry_cost(record_len: int) -> int:
@@ -68,11 +78,12 @@ def _unpack_meta(buf) -> EntryMeta:
 
 
 class _RemapGate:
-    """Readers share; a remap (``set_mapsize``) is exclusive.
+    """Transactions share; a remap (``set_mapsize``) is exclusive.
 
     LMDB forbids changing the map while any transaction of the process is open (the mapping
-    moves under the readers' pointers). Read transactions run without the tier's lock, so they
-    hold this gate shared, and growth or adoption of another process's growth holds it alone.
+    moves under the readers' pointers). Read transactions run without the tier's lock, so every
+    transaction holds this gate shared, and growth or adoption of another process's growth
+    holds it alone.
     """
 
     def __init__(self) -> None:
@@ -152,41 +163,55 @@ class DiskTier:
     # -- environment -------------------------------------------------------------------------
     def _open(self) -> None:
         data = self.path / "data.mdb"
-        size = data.stat().st_size if data.exists() else 0
-        try:
-            env = lmdb.open(
-                str(self.path), map_size=max(size, min(self.map_cap, _MIN_MAP)), max_dbs=8,
-                writemap=True, metasync=True, sync=True, readahead=True, max_readers=512,
-                readonly=self.readonly, lock=True, mode=0o600, create=not self.readonly,
-            )
-        except lmdb.Error as e:
-            raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
-        self._env, self._pid = env, os.getpid()
-        if not self.readonly:
-            self._reserve(env.info()["map_size"])
+        with self._resizing():
+            size = data.stat().st_size if data.exists() else 0
+            if not self.readonly:
+                self._allocate_lock_file()
+            try:
+                # Never less than the file: with writemap LMDB truncates the file to this size.
+                env = lmdb.open(
+                    str(self.path), map_size=size or _NEW_MAP, max_dbs=8, writemap=True,
+                    metasync=True, sync=True, readahead=True, max_readers=512,
+                    readonly=self.readonly, lock=True, mode=0o600, create=not self.readonly,
+                )
+            except lmdb.Error as e:
+                raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
+            self._env, self._pid, self._backed = env, os.getpid(), 0
+            if not self.readonly and not size:
+                try:
+                    self._ensure_backed()
+                except OSError as e:
+                    env.close()
+                    raise StoreOpenError(f"{self.path}: cannot create the disk tier: "
+                                         f"{e.strerror or e}") from None
+        dbs: dict[bytes, object] = {}
+        found: list[bytes | None] = [None]
+
+        def open_dbs(txn):  # writes nothing unless the store is new: no space is needed then
+            for name in _DBS:
+                dbs[name] = env.open_db(name, txn=txn, create=not self.readonly)
+            found[0] = txn.get(b"format", db=dbs[b"info"])
+            if found[0] is None and not self.readonly:
+                txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=dbs[b"info"])
         try:
             env.reader_check()
-            self._records = env.open_db(b"records", create=not self.readonly)
-            self._meta = env.open_db(b"meta", create=not self.readonly)
-            self._lru = env.open_db(b"lru", create=not self.readonly)
-            self._info = env.open_db(b"info", create=not self.readonly)
-            self._names = env.open_db(b"namespaces", create=not self.readonly)
-            self._purges = env.open_db(b"purges", create=not self.readonly)
-            self._counters = env.open_db(b"counters", create=not self.readonly)
-        except lmdb.Error as e:
+            if self.readonly:
+                with env.begin() as txn:
+                    open_dbs(txn)
+            else:
+                self._write(open_dbs)
+        except (lmdb.Error, OSError) as e:
             env.close()
-            raise StoreOpenError(f"{self.path}: not a kvstore disk tier ({e})") from None
-        with env.begin(write=not self.readonly) as txn:
-            raw = txn.get(b"format", db=self._info)
-            version = _U64.unpack(raw)[0] if raw else None
-            if version is not None and version > DISK_FORMAT_VERSION:
-                env.close()
-                raise IncompatibleFormatError(
-                    f"{self.path}: written by disk format version {version}; this kvstore reads "
-                    f"up to {DISK_FORMAT_VERSION}: upgrade kvstore or use another path"
-                )
-            if version is None and not self.readonly:
-                txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=self._info)
+            raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
+        version = _U64.unpack(found[0])[0] if found[0] is not None else None
+        if version is not None and version > DISK_FORMAT_VERSION:
+            env.close()
+            raise IncompatibleFormatError(
+                f"{self.path}: written by disk format version {version}; this kvstore reads "
+                f"up to {DISK_FORMAT_VERSION}: upgrade kvstore or use another path"
+            )
+        (self._records, self._meta, self._lru, self._info, self._names, self._purges,
+         self._counters) = (dbs[name] for name in _DBS)
 
     def _check_pid(self) -> None:
         # LMDB environments must not cross fork(): a child reopens its own. Closing the
@@ -198,41 +223,94 @@ class DiskTier:
             self._env.close()
             self._open()
 
-    def _reserve(self, nbytes: int) -> bool:
-        """Allocates the data file's blocks up to ``nbytes``; False when the disk is full."""
+    @contextlib.contextmanager
+    def _resizing(self):
+        """Holds ``resize.lock``: one process at a time opens or changes its map (see top)."""
+        if self.readonly:  # without writemap LMDB never truncates: nothing to serialize
+            yield
+            return
+        fd = os.open(self.path / "resize.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fd = os.open(self.path / "data.mdb", os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a lock per open file: threads exclude each other too
+            yield
+        finally:
+            os.close(fd)
+
+    def _allocate_lock_file(self) -> None:
+        """Creates LMDB's lock file allocated (or fills an existing one's holes): LMDB writes
+        reader slots through a shared map, where an unallocated page on a full disk is SIGBUS."""
+        lock = self.path / "lock.mdb"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                os.posix_fallocate(fd, 0, nbytes)
+                os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, _LOCK_BYTES))
             finally:
                 os.close(fd)
         except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                return True  # the filesystem cannot reserve: carry on as LMDB would
-            self.metrics.add("io_errors", tier=self.name)
-            return False
-        return True
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise StoreOpenError(f"{lock}: cannot allocate the lock file: {e.strerror or e}") from None
+
+    def _reserve(self, nbytes: int) -> None:
+        """Allocates the data file's blocks up to ``nbytes``.
+
+        Raises OSError: ENOSPC or EDQUOT when the disk is full, others on I/O errors."""
+        fd = os.open(self.path / "data.mdb", os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise  # else the filesystem cannot reserve: carry on as LMDB would
+        finally:
+            os.close(fd)
+
+    def _ensure_backed(self) -> None:
+        """Before a write transaction: the data file is allocated up to the map size."""
+        size = self._env.info()["map_size"]
+        if self._backed < size:
+            self._reserve(size)
+            self._backed = size
 
     def _grow(self) -> bool:
-        """Doubles the map up to ``map_cap``, reserving the file space first."""
-        current = self._env.info()["map_size"]
-        if current >= self.map_cap:
-            return False
-        new = min(self.map_cap, max(2 * current, _MIN_MAP))
-        if not self._reserve(new):
-            return False  # ENOSPC and friends: the disk is full; writes become drops
-        with self._gate.exclusive():
-            self._env.set_mapsize(new)
+        """Doubles the map up to ``map_cap``, reserving the file space first; on a nearly full
+        disk asks for less, down to _MIN_STEP. False at ``map_cap``.
+
+        Raises OSError: the disk cannot give even _MIN_STEP (ENOSPC), or an I/O error."""
+        with self._resizing():
+            current = self._env.info()["map_size"]
+            on_disk = (self.path / "data.mdb").stat().st_size
+            if on_disk > current:  # another process grew the file: map that first
+                self._remap(on_disk)
+                return True
+            if current >= self.map_cap:
+                return False
+            step = min(self.map_cap, max(2 * current, _MIN_MAP)) - current
+            while True:
+                try:
+                    self._reserve(current + step)
+                    break
+                except OSError as e:
+                    if e.errno not in _NO_SPACE or step <= _MIN_STEP:
+                        raise
+                    step = max(_MIN_STEP, step // 2 // _MIN_STEP * _MIN_STEP)
+            self._remap(current + step)
+            self._backed = current + step
         return True
+
+    def _remap(self, size: int) -> None:
+        with self._gate.exclusive():
+            self._env.set_mapsize(size)
 
     def _write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
         """Runs ``fn`` in a write transaction, growing the map on MapFullError.
 
         ``fn`` may run more than once (an aborted transaction changed nothing).
+
+        Raises lmdb.Error, or OSError (ENOSPC when the disk is full): nothing was written.
         """
         for _ in range(32):
             try:
-                with self._env.begin(write=True) as txn:
+                self._ensure_backed()
+                with self._gate.shared(), self._env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapResizedError:
                 self._adopt_map()
@@ -242,9 +320,14 @@ class DiskTier:
         raise lmdb.MapFullError("map could not be grown")  # pragma: no cover
 
     def _adopt_map(self) -> None:
-        """Maps the size another process grew the file to."""
-        with self._gate.exclusive():
-            self._env.set_mapsize(0)
+        """Maps the size another process grew the file to (the file size: never less)."""
+        with self._resizing():
+            self._remap(max(self._env.info()["map_size"], (self.path / "data.mdb").stat().st_size))
+
+    def _count_fault(self, e: Exception) -> str:
+        """Counts a failed write (``io_errors``); returns why it failed, as a drop reason."""
+        self.metrics.add("io_errors", tier=self.name)
+        return "no_space" if isinstance(e, OSError) and e.errno in _NO_SPACE else "io_error"
 
     @contextlib.contextmanager
     def _reading(self):
@@ -430,14 +513,16 @@ class DiskTier:
             try:
                 stored, evicted = self._write(
                     lambda txn: self._put_txn(txn, entries, records, now, touches, names))
-            except (lmdb.Error, OSError):
-                self.metrics.add("io_errors", tier=self.name)
+            except (lmdb.Error, OSError) as e:
+                self.metrics.add("dropped_writes", len(entries), tier=self.name,
+                                 reason=self._count_fault(e))
                 return [False] * len(entries)
             for key, ts in touches.items():
                 if self._pending.get(key) == ts:
                     del self._pending[key]
             for ns_id in names:
                 self._new_names.pop(ns_id, None)
+        self.metrics.add("dropped_writes", stored.count(False), tier=self.name, reason="capacity")
         self._report(evicted, on_evict)
         return stored
 
@@ -530,8 +615,8 @@ class DiskTier:
             touches = dict(self._pending)
             try:
                 self._write(lambda txn: self._apply_touches(txn, touches))
-            except (lmdb.Error, OSError):
-                self.metrics.add("io_errors", tier=self.name)
+            except (lmdb.Error, OSError) as e:
+                self._count_fault(e)
                 return
             for key, ts in touches.items():
                 if self._pending.get(key) == ts:
@@ -550,7 +635,11 @@ class DiskTier:
             return n
         with self._lock:
             self._check_pid()
-            return self._write(txn_fn)
+            try:
+                return self._write(txn_fn)
+            except (lmdb.Error, OSError) as e:
+                self._count_fault(e)
+                return 0
 
     def _delete(self, keys: Sequence[bytes], reason: str) -> list[Evicted]:
         def txn_fn(txn):
@@ -571,8 +660,8 @@ class DiskTier:
                 self._pending.pop(key, None)
             try:
                 gone = self._write(txn_fn)
-            except (lmdb.Error, OSError):
-                self.metrics.add("io_errors", tier=self.name)
+            except (lmdb.Error, OSError) as e:
+                self._count_fault(e)
                 return []
         self._report(gone, None)
         return gone
@@ -627,8 +716,8 @@ class DiskTier:
             self._check_pid()
             try:
                 self._write(txn_fn)
-            except (lmdb.Error, OSError):
-                self.metrics.add("io_errors", tier=self.name)
+            except (lmdb.Error, OSError) as e:
+                self._count_fault(e)
 
     def counters(self) -> dict[str, float]:
         """Lifetime counters summed over every process that used the store."""
@@ -654,9 +743,13 @@ class DiskTier:
         with self._lock:
             self._check_pid()
             touches = dict(self._pending)
-            self._pending.clear()
-            self._write(lambda txn: self._apply_touches(txn, touches))
-            gone = self._write(txn_fn)
+            try:
+                self._write(lambda txn: self._apply_touches(txn, touches))
+                self._pending.clear()
+                gone = self._write(txn_fn)
+            except (lmdb.Error, OSError) as e:
+                self._count_fault(e)
+                return []
         self._report(gone, None)
         return gone
 
