@@ -1,0 +1,74 @@
+"""Reliability: 2 writer and 2 reader processes, and `kvstore purge` runs, on one store for 60 s."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+
+from tools import cli
+
+from .traffic import NAMESPACES, config
+
+ROOT = Path(__file__).resolve().parents[2]
+SECONDS = 60
+PURGES = (["--all"], ["--older-than", "2s"], ["--idle-longer-than", "1s"],
+          ["--namespace", NAMESPACES[0]], ["--namespace", NAMESPACES[1], "--older-than", "1s"])
+
+
+def kvstore_cli(*args: str) -> dict:
+    """Runs the `kvstore` command line in this process (a subprocess would spend seconds
+    importing torch per call on a loaded machine) and returns its --json output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([*args, "--json"])
+    assert code == 0, err.getvalue()
+    return json.loads(out.getvalue())
+
+
+def test_two_writers_two_readers_and_purges_for_a_minute(tmp_path):
+    path = str(tmp_path / "kv")
+    budget = config(path, "writer").disk_bytes
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.reliability.traffic", role, path,
+                                 str(seed), str(SECONDS)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+               for seed, role in enumerate(["writer", "writer", "reader", "reader"])]
+    data = Path(path, "disk", "data.mdb")
+    deadline = time.monotonic() + 120
+    while not data.exists():  # the workers are starting (importing torch)
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+        time.sleep(0.2)
+    purges, usage = [], []
+    while any(w.poll() is None for w in workers):  # purge until the traffic ends
+        opts = PURGES[len(purges) % len(PURGES)]
+        purges.append(kvstore_cli("purge", "--path", path, *opts)["removed"])
+        usage.append(kvstore_cli("stats", "--path", path)["tiers"]["disk"]["bytes"])
+        time.sleep(1)
+    reports = []
+    for w in workers:
+        out, _ = w.communicate(timeout=120)
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+        assert w.returncode == 0, reports[-1]
+    writers, readers = reports[:2], reports[2:]
+    print(json.dumps({"purges": len(purges), "removed": sum(purges), "max_disk_bytes": max(usage),
+                      "budget": budget, "workers": reports}))  # figures for docs/reliability.md
+
+    # No errors, and every block any process was served was the one put for its prefix.
+    assert all(r["errors"] == 0 and r["wrong_blocks"] == 0 and r["io_errors"] == 0 for r in reports)
+    assert all(r["stored"] > 100 for r in writers), writers
+    assert all(r["hit_blocks"] > 100 for r in readers), readers
+    # The purges ran and removed blocks; the disk budget held at every look.
+    assert len(purges) >= 10 and sum(purges) > 0, purges
+    assert max(usage) <= budget, (max(usage), budget)
+    assert all(r["evictions"].get("reason=capacity,tier=disk", 0) > 0 for r in writers), writers
+    # Every process is gone and left no reader slot behind.
+    env = lmdb.open(os.path.join(path, "disk"), max_dbs=8, readonly=True, lock=True)
+    try:
+        assert env.reader_check() == 0
+        assert env.readers().strip().splitlines()[1:] == [], env.readers()
+    finally:
+        env.close()
