@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lmdb
 import pytest
@@ -235,6 +236,20 @@ def test_unusable_paths_are_clear_errors(tmp_path):
     os.chmod(ww, 0o777)
     with pytest.raises(StoreOpenError, match="world-writable"):
         KVStore.open(StoreConfig(path=ww))
+
+
+def test_a_directory_owned_by_another_user_is_refused(tmp_path):
+    """Another user could have written KV there: the store refuses it and names the owner."""
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)  # nobody
+    else:
+        theirs = next(p for p in (Path("/usr"), Path("/")) if p.stat().st_uid != os.geteuid())
+    before = sorted(theirs.iterdir())
+    with pytest.raises(StoreOpenError, match=f"owned by uid {theirs.stat().st_uid}, not by this user"):
+        KVStore.open(StoreConfig(path=theirs))
+    assert sorted(theirs.iterdir()) == before  # nothing created there
 
 
 def test_store_directory_is_owner_only(open_store, tmp_path):
