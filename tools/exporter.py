@@ -43,7 +43,7 @@ HELP = {
     "miss_tokens": "Prompt tokens not found in any tier (computed by the engine).",
     "requests": "Prompts looked up.",
     "stored_blocks": "Blocks newly stored, by tier.",
-    "dropped_writes": "Blocks a tier could not store (full budget, full disk, I/O error).",
+    "dropped_writes": "Blocks the disk tier could not store (full queue, pinned budget, full disk, I/O error).",
     "evictions": "Blocks removed from a tier, by reason (capacity, ttl, purge, corrupt).",
     "corrupt_records": "Records that failed their checksum; each was a miss and was removed.",
     "io_errors": "I/O errors in a tier, each served as a miss or a dropped write.",
@@ -61,6 +61,7 @@ HELP = {
 # Counters exported at 0 before their first event, so that rate() and the dashboard work from the
 # start. Label values come from the store's tiers.
 _EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
+_DROP_REASONS = ("queue_full", "capacity", "no_space", "io_error")  # only the disk tier drops
 
 
 def _zero_series(store: KVStore) -> dict[str, list[dict[str, str]]]:
@@ -70,7 +71,7 @@ def _zero_series(store: KVStore) -> dict[str, list[dict[str, str]]]:
         "miss_tokens": [{}],
         "requests": [{}],
         "stored_blocks": [{"tier": t} for t in tiers],
-        "dropped_writes": [{"tier": t} for t in tiers],
+        "dropped_writes": [{"tier": "disk", "reason": r} for r in _DROP_REASONS] if "disk" in tiers else [],
         "evictions": [{"tier": t, "reason": r} for t in tiers for r in _EVICTION_REASONS],
         "corrupt_records": [{"tier": "disk"}] if "disk" in tiers else [],
     }
