@@ -80,7 +80,7 @@ def test_a_full_disk_drops_writes_keeps_serving_and_recovers(small_fs):
             assert n < 2000, "the disk never filled up"
         stats = s.stats()
         assert stats["io_errors"] > 0
-        on_disk = stats["tiers"]["disk"]["entries"]
+        on_disk, drops_full = stats["tiers"]["disk"]["entries"], drops(s)
         assert on_disk > 100  # ~30 MiB of 64 KiB blocks went in before the disk was full
 
         # 2. Reads keep being served, bit-exact; every block on disk is found.
@@ -106,6 +106,9 @@ def test_a_full_disk_drops_writes_keeps_serving_and_recovers(small_fs):
         assert drops(s) == before + 1
         assert all(served(s, i) for i in range(n, n + 64))
         assert s.stats()["tiers"]["disk"]["entries"] == on_disk + 64
+    print(f"fs {FS_MIB} MiB with a {FILLER_MIB} MiB file: {on_disk} of {n} blocks put are on "
+          f"disk ({stats['tiers']['disk']['bytes'] / 2**20:.1f} MiB), {drops_full:.0f} disk writes "
+          f"dropped as no_space")  # figures for docs/reliability.md
 
 
 def test_a_new_store_on_a_full_disk_is_refused_with_a_clear_message(small_fs):
