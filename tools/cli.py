@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -73,6 +74,25 @@ def _when(ts: float | None, now: float) -> str:
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(message: str) -> str:
+    """``message`` with control characters written as escapes (``\\n``, ``\\x1b``): an error
+    stays one line, whatever an argument, a file name or a library's message holds."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
+
+
+def _print(text: str) -> None:
+    """Prints ``text`` on stdout. A file name that is not valid in the locale's encoding (held
+    as surrogates, as Python decodes argv) is written as escapes where stdout is strict."""
+    try:
+        print(text, flush=True)
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "utf-8"
+        print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
 def _duration(text: str) -> float:
@@ -615,9 +635,9 @@ def cmd_serve_metrics(args: argparse.Namespace) -> Output:
                                       interval_s=args.interval)
         with server:
             info = {"url": server.url, "metrics": server.url + "metrics", "dashboard": server.url}
-            print(json.dumps(info) if args.json else
-                  f"serving {info['metrics']} and the dashboard at {info['dashboard']} "
-                  f"(disk-tier figures of {store.config.path}; Ctrl-C stops)", flush=True)
+            _print(json.dumps(info) if args.json else
+                   f"serving {info['metrics']} and the dashboard at {info['dashboard']} "
+                   f"(disk-tier figures of {store.config.path}; Ctrl-C stops)")
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
@@ -645,7 +665,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (argparse prints the whole usage first)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -716,14 +736,14 @@ def main(argv: list[str] | None = None) -> int:
         out = COMMANDS[args.command](args)
     except (KVStoreError, OSError, ValueError) as e:
         # Bad input and unusable stores are reported, not traced: one line naming the problem.
-        print(f"kvstore {args.command}: error: {e}", file=sys.stderr)
+        print(f"kvstore {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"kvstore {args.command}: interrupted", file=sys.stderr)
         return 130
     try:
         if out.text or out.data is not None:
-            print(json.dumps(out.data, indent=2) if args.json else out.text, flush=True)
+            _print(json.dumps(out.data, indent=2) if args.json else out.text)
     except BrokenPipeError:  # `kvstore ls | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return out.code

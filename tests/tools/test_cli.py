@@ -1,5 +1,6 @@
 """Every CLI command against a real store held open by another process (engine_proc.py)."""
 
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import lmdb
 import pytest
 
 from kvstore.keys import block_keys
+from tools import cli
 
 from ..conftest import BLOCK_TOKENS as B
 from .conftest import ROOT
@@ -194,12 +196,19 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     (["purge", "--path", "{store}", "--prefix-of", "{tmp}/bad.json"], 1, "neither a list of token ids"),
     (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "Address already in use"),
     (["frobnicate"], 2, "invalid choice"),
+    # Found by test_cli_fuzz: control characters in arguments, file names and library messages
+    # are escaped, so that an error stays one line.
+    (["ls", "--path", "{store}", "a\nb"], 2, "unrecognized arguments: a\\nb"),
+    (["explain", "{tmp}/ids.json", "no-such-\r"], 1, "no-such-\\r: cannot read"),
+    (["stats", "--path", "{tmp}/new\nline"], 1, "new\\nline: not a kvstore store"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--tokenizer", "{tmp}"], 1, "cannot load a tokenizer"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_path, open_store):
     import socket
     open_store().close()  # an empty, valid store at tmp_path/store
     (tmp_path / "bad.json").write_text('{"neither": 1}')
     (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "ids.json").write_text("[1, 2, 3]")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -207,6 +216,20 @@ def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_p
         got, out, err = kv(*[a.format(**fill) for a in argv])
     assert got == code and fragment in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_file_name_that_is_not_utf8_prints_on_a_strict_stdout(tmp_path, monkeypatch):
+    """Found by test_cli_fuzz: argv holds such a name as surrogates, which a strict stdout (a
+    UTF-8 locale such as en_US.UTF-8) cannot encode; it prints as escapes, not a traceback."""
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.json"))
+    with open(name, "w") as f:
+        f.write(json.dumps(list(range(2 * B))))
+    for var in ("KVSTORE_PATH", "KVSTORE_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["explain", name, name]) == 0
+    assert b"caf\\udce9.json  (ids)" in out.buffer.getvalue()
 
 
 def test_a_store_of_a_newer_format_is_refused(open_store, tmp_path, kv):
