@@ -187,17 +187,18 @@ class DiskTier:
         dbs: dict[bytes, object] = {}
         found: list[bytes | None] = [None]
 
-        def open_dbs(txn):  # writes nothing unless the store is new: no space is needed then
+        def open_dbs(txn):  # writes nothing unless the store is new
             for name in _DBS:
-                dbs[name] = env.open_db(name, txn=txn, create=not self.readonly)
+                dbs[name] = env.open_db(name, txn=txn, create=True)
             found[0] = txn.get(b"format", db=dbs[b"info"])
-            if found[0] is None and not self.readonly:
+            if found[0] is None:
                 txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=dbs[b"info"])
         try:
             env.reader_check()
-            if self.readonly:
+            if self.readonly:  # LMDB keeps handles opened in a read transaction only until it ends
+                dbs.update((name, env.open_db(name, create=False)) for name in _DBS)
                 with env.begin() as txn:
-                    open_dbs(txn)
+                    found[0] = txn.get(b"format", db=dbs[b"info"])
             else:
                 self._write(open_dbs)
         except (lmdb.Error, OSError) as e:
