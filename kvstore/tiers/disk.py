@@ -54,8 +54,10 @@ _ENTRY_OVERHEAD = _META.size + 3 * 16 + 12 + 64  # keys, meta, lru row, LMDB nod
 _MIN_MAP = 64 << 20
 _NEW_MAP = 1 << 20  # a new store's first map; growth reserves the rest as it is needed
 _MIN_STEP = 1 << 20  # the smallest growth asked of a nearly full disk
-# LMDB's reader table for max_readers=512 (64-byte slots after a 192-byte header), in whole pages.
-_LOCK_BYTES = 36864
+# The size LMDB gives its lock file for max_readers=512: 511 64-byte reader slots after a 192-byte
+# header. Created at exactly this size, LMDB keeps it as it is (a larger file means more readers,
+# which processes that mapped the smaller one would not see).
+_LOCK_BYTES = 32896
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _DBS = (b"records", b"meta", b"lru", b"info", b"namespaces", b"purges", b"counters")
 _EXPIRE_BATCH = 1024  # expired entries removed per write transaction, to keep writes short
