@@ -69,6 +69,21 @@ def entry_cost(record_len: int) -> int:
     return record_len + _ENTRY_OVERHEAD
 
 
+def _allocate(path: Path, nbytes: int) -> None:
+    """Allocates ``path``'s blocks up to ``nbytes`` (creating it owner-only), so writes through a
+    shared map cannot fault. A filesystem that cannot allocate is left as it is.
+
+    Raises OSError: ENOSPC or EDQUOT when the disk is full, others on I/O errors."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _pack_meta(m: EntryMeta) -> bytes:
     return _META.pack(m.namespace_id, m.depth, m.created, m.last_access, m.pinned_until,
                       m.raw_bytes, m.stored_bytes, m.parent.ljust(16, b"\0"))
@@ -186,27 +201,25 @@ class DiskTier:
                     env.close()
                     raise StoreOpenError(f"{self.path}: cannot create the disk tier: "
                                          f"{e.strerror or e}") from None
-        dbs: dict[bytes, object] = {}
-        found: list[bytes | None] = [None]
-
-        def open_dbs(txn):  # writes nothing unless the store is new
-            for name in _DBS:
-                dbs[name] = env.open_db(name, txn=txn, create=True)
-            found[0] = txn.get(b"format", db=dbs[b"info"])
-            if found[0] is None:
+        def open_dbs(txn):
+            """The databases and the stored format version; writes nothing unless the store is new."""
+            dbs = {name: env.open_db(name, txn=txn, create=True) for name in _DBS}
+            raw = txn.get(b"format", db=dbs[b"info"])
+            if raw is None:
                 txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=dbs[b"info"])
+            return dbs, raw
         try:
             env.reader_check()
             if self.readonly:  # LMDB keeps handles opened in a read transaction only until it ends
-                dbs.update((name, env.open_db(name, create=False)) for name in _DBS)
+                dbs = {name: env.open_db(name, create=False) for name in _DBS}
                 with env.begin() as txn:
-                    found[0] = txn.get(b"format", db=dbs[b"info"])
+                    raw = txn.get(b"format", db=dbs[b"info"])
             else:
-                self._write(open_dbs)
+                dbs, raw = self._write(open_dbs)
         except (lmdb.Error, OSError) as e:
             env.close()
             raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
-        version = _U64.unpack(found[0])[0] if found[0] is not None else None
+        version = _U64.unpack(raw)[0] if raw is not None else None
         if version is not None and version > DISK_FORMAT_VERSION:
             env.close()
             raise IncompatibleFormatError(
@@ -244,27 +257,13 @@ class DiskTier:
         reader slots through a shared map, where an unallocated page on a full disk is SIGBUS."""
         lock = self.path / "lock.mdb"
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, _LOCK_BYTES))
-            finally:
-                os.close(fd)
+            _allocate(lock, max(lock.stat().st_size if lock.exists() else 0, _LOCK_BYTES))
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise StoreOpenError(f"{lock}: cannot allocate the lock file: {e.strerror or e}") from None
+            raise StoreOpenError(f"{lock}: cannot allocate the lock file: {e.strerror or e}") from None
 
     def _reserve(self, nbytes: int) -> None:
-        """Allocates the data file's blocks up to ``nbytes``.
-
-        Raises OSError: ENOSPC or EDQUOT when the disk is full, others on I/O errors."""
-        fd = os.open(self.path / "data.mdb", os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, nbytes)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise  # else the filesystem cannot reserve: carry on as LMDB would
-        finally:
-            os.close(fd)
+        """Allocates the data file up to ``nbytes`` (see ``_allocate``)."""
+        _allocate(self.path / "data.mdb", nbytes)
 
     def _ensure_backed(self) -> None:
         """Before a write transaction: the data file is allocated up to the map size."""
@@ -331,6 +330,23 @@ class DiskTier:
         """Counts a failed write (``io_errors``); returns why it failed, as a drop reason."""
         self.metrics.add("io_errors", tier=self.name)
         return "no_space" if isinstance(e, OSError) and e.errno in _NO_SPACE else "io_error"
+
+    def _locked_write(self, fn: Callable[[lmdb.Transaction], object], fallback: object) -> object:
+        """``_write`` under the tier's lock; a fault (full disk, I/O error) is counted and
+        returns ``fallback``."""
+        with self._lock:
+            self._check_pid()
+            try:
+                return self._write(fn)
+            except (lmdb.Error, OSError) as e:
+                self._count_fault(e)
+                return fallback
+
+    def _forget_touches(self, written: dict[bytes, float]) -> None:
+        """Drops pending last-access times that ``written`` stored (newer ones stay)."""
+        for key, ts in written.items():
+            if self._pending.get(key) == ts:
+                del self._pending[key]
 
     @contextlib.contextmanager
     def _reading(self):
@@ -520,9 +536,7 @@ class DiskTier:
                 self.metrics.add("dropped_writes", len(entries), tier=self.name,
                                  reason=self._count_fault(e))
                 return [False] * len(entries)
-            for key, ts in touches.items():
-                if self._pending.get(key) == ts:
-                    del self._pending[key]
+            self._forget_touches(touches)
             for ns_id in names:
                 self._new_names.pop(ns_id, None)
         self.metrics.add("dropped_writes", stored.count(False), tier=self.name, reason="capacity")
@@ -616,14 +630,12 @@ class DiskTier:
             if not self._pending:
                 return
             touches = dict(self._pending)
-            try:
-                self._write(lambda txn: self._apply_touches(txn, touches))
-            except (lmdb.Error, OSError) as e:
-                self._count_fault(e)
-                return
-            for key, ts in touches.items():
-                if self._pending.get(key) == ts:
-                    del self._pending[key]
+
+            def txn_fn(txn):
+                self._apply_touches(txn, touches)
+                return True
+            if self._locked_write(txn_fn, False):
+                self._forget_touches(touches)
 
     def pin_many(self, keys: Sequence[bytes], until: float) -> int:
         def txn_fn(txn):
@@ -636,13 +648,7 @@ class DiskTier:
                         old, pinned_until=max(old.pinned_until, until))), db=self._meta)
                     n += 1
             return n
-        with self._lock:
-            self._check_pid()
-            try:
-                return self._write(txn_fn)
-            except (lmdb.Error, OSError) as e:
-                self._count_fault(e)
-                return 0
+        return self._locked_write(txn_fn, 0)
 
     def _delete(self, keys: Sequence[bytes], reason: str) -> list[Evicted]:
         def txn_fn(txn):
@@ -658,14 +664,9 @@ class DiskTier:
                 self._log_removal(txn, [ev.key for ev in gone])
             return gone
         with self._lock:
-            self._check_pid()
             for key in keys:
                 self._pending.pop(key, None)
-            try:
-                gone = self._write(txn_fn)
-            except (lmdb.Error, OSError) as e:
-                self._count_fault(e)
-                return []
+            gone = self._locked_write(txn_fn, [])
         self._report(gone, None)
         return gone
 
@@ -715,12 +716,7 @@ class DiskTier:
                 raw = txn.get(key, db=self._counters)
                 old = struct.unpack("<d", raw)[0] if raw else 0.0
                 txn.put(key, struct.pack("<d", old + delta), db=self._counters)
-        with self._lock:
-            self._check_pid()
-            try:
-                self._write(txn_fn)
-            except (lmdb.Error, OSError) as e:
-                self._count_fault(e)
+        self._locked_write(txn_fn, None)
 
     def counters(self) -> dict[str, float]:
         """Lifetime counters summed over every process that used the store."""
@@ -738,21 +734,20 @@ class DiskTier:
         return gone
 
     def expire(self, now: float) -> list[Evicted]:
-        def txn_fn(txn):
-            t = self._totals(txn)
-            gone = self._expire_in(txn, now, t, 1 << 62)
-            self._save_totals(txn, t)
-            return gone
         with self._lock:
             self._check_pid()
             touches = dict(self._pending)
-            try:
-                self._write(lambda txn: self._apply_touches(txn, touches))
-                self._pending.clear()
-                gone = self._write(txn_fn)
-            except (lmdb.Error, OSError) as e:
-                self._count_fault(e)
+
+            def txn_fn(txn):  # recent uses first: they decide what is idle
+                self._apply_touches(txn, touches)
+                t = self._totals(txn)
+                gone = self._expire_in(txn, now, t, 1 << 62)
+                self._save_totals(txn, t)
+                return gone
+            gone = self._locked_write(txn_fn, None)
+            if gone is None:
                 return []
+            self._forget_touches(touches)
         self._report(gone, None)
         return gone
 
