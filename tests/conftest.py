@@ -1,11 +1,15 @@
-"""Shared fixtures: a fake clock, a factory of real stores in temp directories, KV blocks."""
+"""Shared fixtures: a fake clock, a factory of real stores in temp directories, KV blocks, and
+the `kvstore` command line run in-process."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from kvstore import KVStore, StoreConfig
+from tools import cli
 
 BLOCK_TOKENS = 8
 SHAPE = (2, 2, 2, BLOCK_TOKENS, 4)  # layers, k/v, heads, tokens, head_dim
@@ -58,3 +62,22 @@ def open_store(tmp_path, clock):
     yield _open
     for s in opened:
         s.close()
+
+
+@pytest.fixture
+def kv(capsys, monkeypatch):
+    """``kv(*argv)`` runs the CLI in-process: ``(exit code, stdout, stderr)``; JSON is parsed
+    when ``--json`` was given."""
+    monkeypatch.delenv("KVSTORE_PATH", raising=False)
+    monkeypatch.delenv("KVSTORE_CONFIG", raising=False)
+
+    def run(*argv: str):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse errors
+            code = e.code
+        out, err = capsys.readouterr()
+        if "--json" in argv and code in (0, 3) and out:
+            out = json.loads(out)
+        return code, out, err
+    return run

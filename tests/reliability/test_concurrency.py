@@ -1,7 +1,5 @@
 """Reliability: 2 writer and 2 reader processes, and `kvstore purge` runs, on one store for 60 s."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -11,8 +9,6 @@ from pathlib import Path
 
 import lmdb
 
-from tools import cli
-
 from .traffic import NAMESPACES, config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,17 +17,13 @@ PURGES = (["--all"], ["--older-than", "2s"], ["--idle-longer-than", "1s"],
           ["--namespace", NAMESPACES[0]], ["--namespace", NAMESPACES[1], "--older-than", "1s"])
 
 
-def kvstore_cli(*args: str) -> dict:
-    """Runs the `kvstore` command line in this process (a subprocess would spend seconds
-    importing torch per call on a loaded machine) and returns its --json output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([*args, "--json"])
-    assert code == 0, err.getvalue()
-    return json.loads(out.getvalue())
+def test_two_writers_two_readers_and_purges_for_a_minute(tmp_path, kv, capsys):
+    def kvstore_json(*args: str) -> dict:
+        # In this process (`kv`): a subprocess would spend seconds importing torch per call.
+        code, out, err = kv(*args, "--json")
+        assert code == 0, err
+        return out
 
-
-def test_two_writers_two_readers_and_purges_for_a_minute(tmp_path):
     path = str(tmp_path / "kv")
     budget = config(path, "writer").disk_bytes
     workers = [subprocess.Popen([sys.executable, "-m", "tests.reliability.traffic", role, path,
@@ -45,8 +37,8 @@ def test_two_writers_two_readers_and_purges_for_a_minute(tmp_path):
     purges, usage = [], []
     while any(w.poll() is None for w in workers):  # purge until the traffic ends
         opts = PURGES[len(purges) % len(PURGES)]
-        purges.append(kvstore_cli("purge", "--path", path, *opts)["removed"])
-        usage.append(kvstore_cli("stats", "--path", path)["tiers"]["disk"]["bytes"])
+        purges.append(kvstore_json("purge", "--path", path, *opts)["removed"])
+        usage.append(kvstore_json("stats", "--path", path)["tiers"]["disk"]["bytes"])
         time.sleep(1)
     reports = []
     for w in workers:
@@ -54,8 +46,9 @@ def test_two_writers_two_readers_and_purges_for_a_minute(tmp_path):
         reports.append(json.loads(out.strip().splitlines()[-1]))
         assert w.returncode == 0, reports[-1]
     writers, readers = reports[:2], reports[2:]
-    print(json.dumps({"purges": len(purges), "removed": sum(purges), "max_disk_bytes": max(usage),
-                      "budget": budget, "workers": reports}))  # figures for docs/reliability.md
+    with capsys.disabled():  # figures for docs/reliability.md, shown with -s
+        print(json.dumps({"purges": len(purges), "removed": sum(purges), "max_disk_bytes": max(usage),
+                          "budget": budget, "workers": reports}))
 
     # No errors, and every block any process was served was the one put for its prefix.
     assert all(r["errors"] == 0 and r["wrong_blocks"] == 0 and r["io_errors"] == 0 for r in reports)

@@ -1,4 +1,5 @@
-"""Fixtures for the tools: a store held open by another process, and the CLI run in-process.
+"""Fixtures for the tools: a store held open by another process (the CLI run in-process, ``kv``,
+is in tests/conftest.py).
 
 The CLI runs in the test process (fast: no interpreter start per call) while the store is held
 by a stand-in engine process (engine_proc.py), so every command is tested against a store
@@ -14,8 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tools import cli
 
 from ..conftest import BLOCK_TOKENS
 
@@ -68,22 +67,3 @@ def engine(tmp_path):
     e = Engine(tmp_path)
     yield e
     e.close()
-
-
-@pytest.fixture
-def kv(capsys, monkeypatch):
-    """``kv(*argv)`` runs the CLI in-process: ``(exit code, stdout, stderr)``; JSON is parsed
-    when ``--json`` was given."""
-    monkeypatch.delenv("KVSTORE_PATH", raising=False)
-    monkeypatch.delenv("KVSTORE_CONFIG", raising=False)
-
-    def run(*argv: str):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as e:  # argparse errors
-            code = e.code
-        out, err = capsys.readouterr()
-        if "--json" in argv and code in (0, 3) and out:
-            out = json.loads(out)
-        return code, out, err
-    return run
