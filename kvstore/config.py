@@ -8,6 +8,7 @@ raises ``ConfigError`` naming the key and what is allowed; nothing silently fall
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -35,6 +36,13 @@ _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 COMPRESSIONS = ("zstd", "none")
 DTYPES = tuple(_TORCH_DTYPES)
 ENV_PREFIX = "KVSTORE_"
+# Settings stored with the data when a store is created (settings.py says how an opener's value
+# and the stored one combine); a config that leaves one unset (None) gets the stored value, or
+# this default for a new store.
+STORED_DEFAULTS: dict[str, Any] = {
+    "block_tokens": 64, "disk_bytes": 16 << 30, "disk_ttl_s": 86400.0,
+    "compression": "zstd", "zstd_level": 1, "byte_split": True,
+}
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -143,29 +151,43 @@ class StoreConfig:
         byte_split: split 16/32-bit values into byte planes before compressing.
         block_shape / dtype: the layout of every block; when None they are fixed by the first
             block the store sees.
+
+    block_tokens, disk_bytes, disk_ttl_s, compression, zstd_level, byte_split, block_shape and
+    dtype are stored with the data when a store is created; one left unset (None) takes the
+    stored value, or its ``STORED_DEFAULTS`` value for a new store (settings.py has the rule).
     """
 
     path: Path
-    block_tokens: int = 64
+    block_tokens: int | None = None
     namespace: str = "default"
     device: str = "auto"
     device_bytes: int = 0
     device_ttl_s: float = 3600.0
     host_bytes: int = 1 << 30
-    disk_bytes: int = 16 << 30
+    disk_bytes: int | None = None
     host_ttl_s: float = 3600.0
-    disk_ttl_s: float = 86400.0
-    compression: str = "zstd"
-    zstd_level: int = 1
-    byte_split: bool = True
+    disk_ttl_s: float | None = None
+    compression: str | None = None
+    zstd_level: int | None = None
+    byte_split: bool | None = None
     write_queue_bytes: int = 256 << 20
     io_threads: int = 2
     block_shape: tuple[int, ...] | None = None
     dtype: str | None = None
+    # The stored settings (STORED_DEFAULTS' keys, block_shape, dtype) this config names itself;
+    # the others take the store's stored values (settings.py). Set by __post_init__.
+    explicit: frozenset[str] = dataclasses.field(default=frozenset(), init=False, compare=False,
+                                                 repr=False)
 
     def __post_init__(self) -> None:
         if self.path is None or str(self.path) == "":
             raise ConfigError("path: expected the store directory, got nothing")
+        given = frozenset(k for k in (*STORED_DEFAULTS, "block_shape", "dtype")
+                          if getattr(self, k) is not None)
+        for key, default in STORED_DEFAULTS.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
+        object.__setattr__(self, "explicit", given)
         norm = {
             "path": Path(os.path.expanduser(str(self.path))),
             "block_tokens": _parse_int(self.block_tokens, "block_tokens", 1, 1 << 20),
@@ -197,9 +219,18 @@ class StoreConfig:
             return self.device
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def adopt(self, values: Mapping[str, Any]) -> StoreConfig:
+        """A copy with ``values`` (stored settings) in place of this config's defaults; what the
+        config names explicitly stays as it is. (``dataclasses.replace`` would mark every
+        setting explicit.)"""
+        new = copy.copy(self)
+        for key, value in values.items():
+            object.__setattr__(new, key, value)
+        return new
+
     @classmethod
     def keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> StoreConfig:

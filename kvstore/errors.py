@@ -27,3 +27,8 @@ class CorruptEntryError(KVStoreError):
     Inside the store this becomes a counted miss and the record is removed; it escapes only from
     the codec itself (``decode``) and from tools that verify records on purpose.
     """
+
+
+class SettingsMismatchError(ConfigError):
+    """The store was created with another block size or block layout than the opener asks for;
+    the message names the key and both values."""

@@ -1,13 +1,17 @@
 """KVStore: the tiered prefix cache an engine adapter talks to.
 
-Lookup order is top-down (device, host, disk); a block found lower is promoted up on ``get`` or
-``prefetch``. ``put`` copies into the RAM tiers and queues the disk write (write-behind: it
-never waits for compression or disk I/O); a block a tier evicts spills to the tier below unless
-it is already there. Every use touches a block's whole chain at one instant, which with the
-eviction rule in eviction.py keeps parents alive at least as long as their children.
+The store is a loop over an ordered list of tiers, fastest first (by default device, host,
+disk: stack.py), each behind the ``Tier`` protocol (tiers/base.py); it names no concrete tier.
+Lookup order is top-down; a block found lower is promoted into every tier above on ``get`` or
+``prefetch``. ``put`` copies into the fast tiers and queues writes to the slow ones
+(write-behind: it never waits for compression or I/O); a block a tier evicts spills to the tier
+below unless it is already there (an encoded record travels down as it is). Every use touches a
+block's whole chain at one instant, which with the eviction rule in eviction.py keeps parents
+alive at least as long as their children. The store's own records (settings, namespace names,
+lifetime counters, the removal log) live in a ``Ledger`` (ledger.py).
 
-Thread-safe: each tier locks itself, and no lock is held across a disk read. Fork-safe: a store
-used in a forked child reopens LMDB and restarts its background threads there.
+Thread-safe: each tier locks itself, and no lock is held across a slow tier's read. Fork-safe: a
+store used in a forked child reopens LMDB and restarts its background threads there.
 
 Best effort: faults inside the cache (corrupt record, full disk, I/O errors) become counted
 misses or dropped writes and never raise from ``match``/``get``/``put``. Bad arguments raise
@@ -16,11 +20,11 @@ ValueError naming what was expected.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import stat
-import collections
-import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,14 +35,16 @@ import numpy as np
 import torch
 
 from . import keys as keyslib
-from .codec import Codec, dtype_name, DTYPES
+from . import settings
+from .codec import DTYPES, dtype_name
 from .config import StoreConfig
+from .copies import copy_block
 from .errors import StoreOpenError
 from .eviction import EntryMeta, MonotonicClock
+from .ledger import Ledger, MemoryLedger
 from .metrics import Metrics
+from .stack import open_stack
 from .tiers.base import BlockEntry, Evicted, Tier
-from .tiers.disk import DiskTier
-from .tiers.slab import SlabTier, copy_block
 from .writeback import WriteBehind
 
 
@@ -49,7 +55,7 @@ class Match:
     Attributes:
         namespace: the namespace looked up.
         keys: keys of the matched leading blocks, in order.
-        tiers: for each matched block, the tier that holds it (``"host"`` or ``"disk"``).
+        tiers: for each matched block, the name of the highest tier that holds it.
         block_tokens: tokens per block.
         prompt_tokens: length of the prompt that was matched.
         all_keys: keys of every full block of the prompt (for a following ``put``).
@@ -105,12 +111,16 @@ class LoadHandle:
         return self._future.result() if self._future.done() else 0
 
 
-def _prepare_dir(path: Path) -> None:
-    """Creates the store directory owner-only, or checks an existing one is safe to use."""
+def _prepare_dir(path: Path, readonly: bool = False) -> None:
+    """Creates the store directory owner-only, or checks an existing one is safe to use
+    (read-only: it must exist; nothing is created)."""
     if path.exists() and not path.is_dir():
         raise StoreOpenError(f"{path}: exists and is not a directory")
+    if readonly and not path.exists():
+        raise StoreOpenError(f"{path}: no store here (the directory does not exist)")
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not readonly:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise StoreOpenError(f"{path}: cannot create the store directory: {e.strerror or e}") from None
     st = path.stat()
@@ -124,43 +134,62 @@ def _prepare_dir(path: Path) -> None:
             f"{path}: is world-writable (mode {stat.S_IMODE(st.st_mode):o}); run "
             f"'chmod 700 {path}' or choose another path"
         )
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not readonly and not os.access(path, os.W_OK | os.X_OK):
         raise StoreOpenError(f"{path}: not writable by this user")
+
+
+@dataclasses.dataclass(frozen=True)
+class PurgePlan:
+    """What a purge removes: the blocks its criteria select and every block chained below one
+    of them (unreachable once its ancestor is gone), with each one's metadata."""
+
+    selected: frozenset[bytes]
+    chained_below: frozenset[bytes]
+    meta: dict[bytes, EntryMeta]
+
+    @property
+    def keys(self) -> frozenset[bytes]:
+        return self.selected | self.chained_below
 
 
 class KVStore:
     """A tiered, prefix-keyed KV block store. Thread-safe.
 
     Open with ``KVStore.open(config)``; use as a context manager or call ``close()``.
+
+    Args:
+        config: the store's settings; those stored with the data win as settings.py says.
+        clock: wall clock (tests pass a fake one).
+        metrics: the counters' sink (a new one by default).
+        tiers, ledger: an injected tier stack (fastest first) and its ledger, instead of the one
+            ``config`` describes (stack.py).
+        readonly: inspect only: no RAM tiers, no threads, nothing written (tools; a read-only
+            mount); ``put``/``pin``/``purge``/``expire`` raise ValueError.
     """
 
     def __init__(self, config: StoreConfig, *, clock: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None):
-        self.config = config
+                 metrics: Metrics | None = None, tiers: Sequence[Tier] | None = None,
+                 ledger: Ledger | None = None, readonly: bool = False):
         self.metrics = metrics or Metrics()
+        self.readonly = readonly
         self._clock = MonotonicClock(clock)
         self._lock = threading.RLock()
         self._closed = False
-        _prepare_dir(config.path)
-        self.codec = Codec(config.compression, config.zstd_level, config.byte_split)
-        self.device_tier: SlabTier | None = None
-        if config.device_bytes > 0:
-            self.device_tier = SlabTier("device", config.device_bytes, config.device_ttl_s,
-                                        device=config.resolved_device(), metrics=self.metrics)
-        self.host: SlabTier | None = None
-        if config.host_bytes > 0:
-            self.host = SlabTier("host", config.host_bytes, config.host_ttl_s, device="cpu",
-                                 metrics=self.metrics)
-        self.disk: DiskTier | None = None
-        if config.disk_bytes > 0:
-            disk_dir = config.path / "disk"
-            disk_dir.mkdir(mode=0o700, exist_ok=True)
-            self.disk = DiskTier(disk_dir, config.disk_bytes, config.disk_ttl_s, self.codec,
-                                 self.metrics)
-        self.ram_tiers: list[SlabTier] = [t for t in (self.device_tier, self.host) if t is not None]
-        self.tiers: list[Tier] = [*self.ram_tiers, *([self.disk] if self.disk is not None else [])]
-        self.writer: WriteBehind | None = None
-        self._removals_seen = self.disk.removal_epoch() if self.disk is not None else 0
+        _prepare_dir(config.path, readonly)
+        if tiers is None:
+            stack = open_stack(config, self.metrics, readonly)
+            config, tiers, ledger = stack.config, stack.tiers, stack.ledger
+        else:
+            ledger = ledger if ledger is not None else MemoryLedger()
+            config, save = settings.resolve(config, ledger.settings())
+            if save and not readonly:
+                ledger.save_settings(save)
+        self.config = config
+        self.tiers: list[Tier] = list(tiers)
+        self.ledger = ledger
+        self._private = [t for t in self.tiers if not t.shared]
+        self._writers: dict[int, WriteBehind] = {}  # level -> its write-behind queue (slow tiers)
+        self._removals_seen = ledger.removal_epoch()
         self._removals_checked = time.monotonic()
         self._counters_lock = threading.Lock()
         self._persisted: dict[str, float] = {}
@@ -170,6 +199,10 @@ class KVStore:
         self.dtype: torch.dtype | None = None
         if config.block_shape is not None and config.dtype is not None:
             self._fix_layout(config.block_shape, DTYPES[config.dtype])
+
+    def tier(self, name: str) -> Tier | None:
+        """The tier called ``name`` in this store's stack, or None."""
+        return next((t for t in self.tiers if t.name == name), None)
 
     def _start_threads(self) -> None:
         self._pid = os.getpid()
@@ -184,19 +217,22 @@ class KVStore:
                 if self._pid != os.getpid():
                     self._persisted = self.metrics.flat()  # inherited counts are the parent's
                     self._start_threads()
-                    if self.writer is not None:
-                        self.writer.after_fork()
+                    for writer in self._writers.values():
+                        writer.after_fork()
 
     @classmethod
     def open(cls, config: StoreConfig, *, clock: Callable[[], float] = time.time,
-             metrics: Metrics | None = None) -> KVStore:
-        """Opens (creating if needed) the store at ``config.path``.
+             metrics: Metrics | None = None, readonly: bool = False) -> KVStore:
+        """Opens (creating if needed, unless ``readonly``) the store at ``config.path``.
 
         Raises:
-            StoreOpenError: the path cannot be created or written, or is unsafe.
+            StoreOpenError: the path cannot be created or written, or is unsafe; read-only:
+                there is no store there.
             IncompatibleFormatError: the store was written by a newer kvstore.
+            SettingsMismatchError: ``config`` names another block size or layout than the
+                store was created with.
         """
-        return cls(config, clock=clock, metrics=metrics)
+        return cls(config, clock=clock, metrics=metrics, readonly=readonly)
 
     def __enter__(self) -> KVStore:
         return self
@@ -209,14 +245,28 @@ class KVStore:
         with self._lock:
             if self.block_shape is not None:
                 return
-            for tier in self.ram_tiers:
-                tier.configure(tuple(shape), dtype)
-            if self.disk is not None:
+            shape = tuple(shape)
+            for tier in self.tiers:
+                tier.configure(shape, dtype)
+            if not self.readonly:
                 nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-                self.writer = WriteBehind(self.disk, self.config.write_queue_bytes // nbytes,
-                                          tuple(shape), dtype, self.config.io_threads, self._clock,
-                                          self.metrics, after_batch=self._after_batch)
-            self.block_shape, self.dtype = tuple(shape), dtype
+                for level, tier in enumerate(self.tiers):
+                    if tier.slow:
+                        self._writers[level] = WriteBehind(
+                            tier, self.config.write_queue_bytes // nbytes, shape, dtype,
+                            self.config.io_threads, self._clock, self.metrics,
+                            after_batch=self._after_batch,
+                            on_evict=self._spill_from(level) if level + 1 < len(self.tiers) else None)
+                stored = self.ledger.settings()
+                if stored.get("block_shape") is None:
+                    self.ledger.save_settings(settings.layout_settings(shape, dtype_name(dtype)))
+            self.block_shape, self.dtype = shape, dtype
+
+    def _learn_layout(self) -> None:
+        """Fixes the layout another process stored since this one opened the store."""
+        s = self.ledger.settings()
+        if s.get("block_shape") is not None and s.get("dtype") in DTYPES:
+            self._fix_layout(tuple(s["block_shape"]), DTYPES[s["dtype"]])
 
     def _check_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
         for i, b in enumerate(blocks):
@@ -238,17 +288,6 @@ class KVStore:
                     f"{tuple(b.shape)} and {str(b.dtype).removeprefix('torch.')}"
                 )
 
-    def _learn_layout(self, key: bytes) -> None:
-        """Fixes the layout from a stored record (a store reopened before its first put)."""
-        found = self.disk.read_record(key) if self.disk is not None else None
-        if found is None:
-            return
-        try:
-            h = self.codec.read_header(found[0])
-        except Exception:
-            return
-        self._fix_layout(h["shape"], h["torch_dtype"])
-
     def _block_nbytes(self) -> int:
         return int(np.prod(self.block_shape)) * torch.empty((), dtype=self.dtype).element_size()
 
@@ -259,9 +298,11 @@ class KVStore:
             raise ValueError(f"namespace: expected a non-empty string, got {ns!r}")
         return ns
 
-    def _check_open(self) -> None:
+    def _check_open(self, writing: bool = False) -> None:
         if self._closed:
             raise ValueError("store is closed")
+        if writing and self.readonly:
+            raise ValueError(f"{self.config.path}: store opened read-only")
         self._check_fork()
 
     def match(self, token_ids: Sequence[int] | np.ndarray, namespace: str | None = None,
@@ -309,38 +350,36 @@ class KVStore:
         return match
 
     def _sync_removals(self, force: bool = False) -> None:
-        """Drops from the RAM tiers what another process purged (polled at most once a second:
-        one small read transaction)."""
-        if self.disk is None or not self.ram_tiers:
+        """Drops from this process's private tiers what another process purged (polled at most
+        once a second: one small read)."""
+        if not self.ledger.durable or not self._private:
             return
         if not force and time.monotonic() - self._removals_checked < REMOVAL_POLL_S:
             return
         self._removals_checked = time.monotonic()
         try:
-            epoch, keys = self.disk.removals_since(self._removals_seen)
+            epoch, keys = self.ledger.removals_since(self._removals_seen)
         except Exception:  # best effort: the next poll tries again
-            self.metrics.add("io_errors", tier=self.disk.name)
+            self.metrics.add("io_errors", tier="ledger")
             return
         if epoch == self._removals_seen:
             return
-        for tier in self.ram_tiers:
-            if keys is None:
-                tier.purge(lambda k, m: True, self._clock())
-            else:
-                tier.delete_many([k for k, _ in tier.entries() if k in keys])
+        now = self._clock()
+        for tier in self._private:
+            tier.purge((lambda k, m: True) if keys is None else (lambda k, m: k in keys), now)
         self._removals_seen = epoch
 
     def get(self, match: Match, out: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Loads the matched blocks, promoting blocks found lower to the RAM tiers above.
+        """Loads the matched blocks, promoting blocks found lower into every tier above.
 
-        Disk blocks are read and decompressed by ``io_threads`` threads in parallel. After a
+        Slow tiers' blocks are read and decoded by ``io_threads`` threads in parallel. After a
         completed ``prefetch`` of the same match, only RAM (device) copies remain.
 
         Args:
             match: from ``match`` on this store.
             out: optional preallocated tensor of shape ``(>= match.num_blocks, *block_shape)``
                 (on any device); the returned blocks are views into it. Without it, blocks are
-                allocated on the device tier's device (the CPU when there is none).
+                allocated on the top tier's device (the CPU when there is none).
 
         Returns:
             One tensor per leading block that could be loaded. Usually ``match.num_blocks`` of
@@ -356,7 +395,7 @@ class KVStore:
             return []
         t0 = time.perf_counter()
         if self.block_shape is None:
-            self._learn_layout(match.keys[0])
+            self._learn_layout()
             if self.block_shape is None:
                 return []
         outs = self._outs(n, out)
@@ -364,8 +403,9 @@ class KVStore:
         source = self._load(match.keys, outs, now)
         loaded = source.index(None) if None in source else n
         if self._promote(match.namespace, match.all_keys, range(loaded), outs, source, now):
-            for tier in self.ram_tiers:  # the promoted chain is in use: touch it as one path
-                tier.touch_many(match.keys[:loaded], now)
+            for tier in self.tiers:  # the promoted chain is in use: touch it as one path
+                if not tier.slow:
+                    tier.touch_many(match.keys[:loaded], now)
         if loaded < n:
             self.metrics.add("load_failed_blocks", n - loaded)
         self.metrics.observe("load_seconds", time.perf_counter() - t0)
@@ -373,7 +413,7 @@ class KVStore:
 
     def _outs(self, n: int, out: torch.Tensor | None) -> list[torch.Tensor]:
         if out is None:
-            device = self.device_tier.device if self.device_tier is not None else "cpu"
+            device = self.tiers[0].device if self.tiers else "cpu"
             return list(torch.empty((n, *self.block_shape), dtype=self.dtype, device=device))
         if (out.dim() != len(self.block_shape) + 1 or out.shape[0] < n
                 or tuple(out.shape[1:]) != self.block_shape or out.dtype != self.dtype):
@@ -383,38 +423,35 @@ class KVStore:
             )
         return [out[i] for i in range(n)]
 
-    def _load(self, keys: Sequence[bytes], outs: list[torch.Tensor], now: float) -> list[str | None]:
-        """Fills ``outs[i]`` from the highest tier holding ``keys[i]``; returns each source tier
+    def _load(self, keys: Sequence[bytes], outs: list[torch.Tensor], now: float) -> list[int | None]:
+        """Fills ``outs[i]`` from the highest tier holding ``keys[i]``; returns each source level
         (None where no tier could supply the block). Tiers are asked top-down, so blocks that a
         prefetch moved up since ``match`` are served from RAM."""
-        source: list[str | None] = [None] * len(keys)
+        source: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
-        for tier in self.ram_tiers:
+        for level, tier in enumerate(self.tiers):
             if not todo:
                 break
-            got = tier.get_many([keys[i] for i in todo], [outs[i] for i in todo])
+            ks, os_ = [keys[i] for i in todo], [outs[i] for i in todo]
+            got = self._load_slow(tier, ks, os_, now) if tier.slow else tier.get_many(ks, os_, now)
             for i, g in zip(todo, got):
                 if g:
-                    source[i] = tier.name
+                    source[i] = level
             todo = [i for i, g in zip(todo, got) if not g]
-        if todo and self.disk is not None:
-            got = self._load_disk([keys[i] for i in todo], [outs[i] for i in todo], now)
-            for i, g in zip(todo, got):
-                if g:
-                    source[i] = self.disk.name
         return source
 
-    def _load_disk(self, keys: list[bytes], outs: list[torch.Tensor], now: float) -> list[bool]:
-        """Decodes disk records into ``outs`` with up to ``io_threads`` threads at once, so
-        reading one block overlaps decompressing another (zstd and LMDB release the GIL)."""
+    def _load_slow(self, tier: Tier, keys: list[bytes], outs: list[torch.Tensor],
+                   now: float) -> list[bool]:
+        """Decodes a slow tier's records into ``outs`` with up to ``io_threads`` threads at once,
+        so reading one block overlaps decoding another (zstd and LMDB release the GIL)."""
         staging = [o if o.device.type == "cpu" and o.is_contiguous() else torch.empty_like(o, device="cpu")
                    for o in outs]
         parts = min(self.config.io_threads, len(keys))
         if parts <= 1:
-            ok = self.disk.get_many(keys, staging, now)
+            ok = tier.get_many(keys, staging, now)
         else:
             bounds = [round(i * len(keys) / parts) for i in range(parts + 1)]
-            futures = [self._loaders.submit(self.disk.get_many, keys[a:b], staging[a:b], now)
+            futures = [self._loaders.submit(tier.get_many, keys[a:b], staging[a:b], now)
                        for a, b in zip(bounds, bounds[1:])]
             ok = [g for f in futures for g in f.result()]
         for o, s, g in zip(outs, staging, ok):
@@ -423,22 +460,23 @@ class KVStore:
         return ok
 
     def _promote(self, namespace: str, all_keys: Sequence[bytes], positions: Sequence[int],
-                 blocks: Sequence[torch.Tensor], source: Sequence[str | None], now: float) -> int:
-        """Copies ``blocks[j]`` (block ``positions[j]`` of the chain ``all_keys``), which tier
-        ``source[j]`` supplied, into every RAM tier above that one; returns the copies made."""
-        names = [t.name for t in self.tiers]
+                 blocks: Sequence[torch.Tensor], source: Sequence[int | None], now: float) -> int:
+        """Copies ``blocks[j]`` (block ``positions[j]`` of the chain ``all_keys``), which level
+        ``source[j]`` supplied, into every tier above that level (slow ones through their
+        write-behind queue); returns the copies made."""
         moved = 0
-        for level, tier in enumerate(self.ram_tiers):
+        for level, tier in enumerate(self.tiers):
             entries = [BlockEntry(all_keys[p], blocks[j], self._meta(namespace, all_keys, p, now))
-                       for j, p in enumerate(positions)
-                       if source[j] is not None and names.index(source[j]) > level]
-            if entries:
-                moved += sum(tier.put_many(entries, now, on_evict=self._spill_from(level)))
-                self.metrics.add("promoted_blocks", len(entries), tier=tier.name)
+                       for j, p in enumerate(positions) if source[j] is not None and source[j] > level]
+            if not entries:
+                continue
+            ok = self._write_level(level, entries, now)
+            moved += sum(ok)
+            self.metrics.add("promoted_blocks", len(entries), tier=tier.name)
         return moved
 
     def prefetch(self, match: Match) -> LoadHandle:
-        """Starts moving the matched blocks up to the RAM tiers in the background.
+        """Starts moving the matched blocks up to the top tier in the background.
 
         Returns a handle to wait on; ``get(match)`` after it completes costs only RAM (device)
         copies. A prefetch never raises: what it cannot load stays where it is.
@@ -448,9 +486,9 @@ class KVStore:
         def job() -> int:
             try:
                 if self.block_shape is None and match.num_blocks:
-                    self._learn_layout(match.keys[0])
-                top = self.ram_tiers[0] if self.ram_tiers else None
-                if top is None or self.block_shape is None:
+                    self._learn_layout()
+                top = self.tiers[0] if self.tiers else None
+                if top is None or top.slow or self.block_shape is None:
                     return 0
                 now = self._clock()
                 missing = [i for i, h in enumerate(top.contains_many(match.keys, now)) if not h]
@@ -476,37 +514,47 @@ class KVStore:
         )
 
     # -- writes ------------------------------------------------------------------------------
-    def _spill_from(self, level: int) -> Callable[[list[Evicted]], None] | None:
-        """The on_evict callback of RAM tier ``level``: moves victims down unless already there
-        (to the next RAM tier, or through the write-behind queue to disk)."""
+    def _write_level(self, level: int, entries: list[BlockEntry], now: float) -> list[bool]:
+        """Stores ``entries`` in tier ``level``: queued for a slow tier (False where the queue
+        is full), copied now into a fast one (False where it has no room)."""
+        if self.tiers[level].slow:
+            writer = self._writers.get(level)
+            return writer.submit(entries) if writer is not None else [False] * len(entries)
+        return self.tiers[level].put_many(entries, now, on_evict=self._spill_from(level))
+
+    def _held(self, level: int, keys: Sequence[bytes], now: float) -> list[bool]:
+        """Which ``keys`` tier ``level`` holds or has queued."""
+        held = self.tiers[level].contains_many(keys, now)
+        writer = self._writers.get(level)
+        if writer is not None:
+            held = [h or writer.queued(k) for h, k in zip(held, keys)]
+        return held
+
+    def _spill_from(self, level: int) -> Callable[[list[Evicted]], None]:
+        """The on_evict callback of tier ``level``: moves capacity victims to the tier below
+        unless already there (the block, or a slow tier's encoded record, travels as it is)."""
         def spill(victims: list[Evicted]) -> None:
-            now = self._clock()
-            victims = [v for v in victims if v.reason == "capacity" and v.block is not None]
+            if level + 1 >= len(self.tiers):
+                return
+            victims = [v for v in victims if v.reason == "capacity"
+                       and (v.block is not None or v.record is not None)]
             if not victims:
                 return
-            if level + 1 < len(self.ram_tiers):
-                lower = self.ram_tiers[level + 1]
-                held = lower.contains_many([v.key for v in victims], now)
-                down = [BlockEntry(v.key, v.block, v.meta) for v, h in zip(victims, held) if not h]
-                if down:
-                    lower.put_many(down, now, on_evict=self._spill_from(level + 1))
-            elif self.disk is not None and self.writer is not None:
-                held = self.disk.contains_many([v.key for v in victims], now)
-                down = [BlockEntry(v.key, v.block, v.meta) for v, h in zip(victims, held)
-                        if not h and not self.writer.queued(v.key)]
-                if down:
-                    self.writer.submit(down)
-            else:
-                return
-            self.metrics.add("spilled_blocks", len(victims), tier=self.ram_tiers[level].name)
+            now = self._clock()
+            held = self._held(level + 1, [v.key for v in victims], now)
+            down = [BlockEntry(v.key, v.block, v.meta, v.record)
+                    for v, h in zip(victims, held) if not h]
+            if down:
+                self._write_level(level + 1, down, now)
+            self.metrics.add("spilled_blocks", len(victims), tier=self.tiers[level].name)
         return spill
 
     def put(self, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[torch.Tensor],
             namespace: str | None = None, start_block: int = 0) -> int:
-        """Stores the KV of full blocks of ``token_ids``; returns without waiting for disk I/O.
+        """Stores the KV of full blocks of ``token_ids``; returns without waiting for slow I/O.
 
-        Blocks are copied into the RAM tiers and into the write-behind queue before this
-        returns, so the caller may reuse its buffers. ``flush()`` waits for the disk writes.
+        Blocks are copied into the fast tiers and into the write-behind queues before this
+        returns, so the caller may reuse its buffers. ``flush()`` waits for the slow writes.
 
         Args:
             token_ids: the prompt (and output) the blocks were computed for.
@@ -519,13 +567,13 @@ class KVStore:
         Returns:
             How many blocks were newly stored in, or queued for, some tier. Blocks already
             held are skipped (their chain is touched); a block whose parent is no longer held
-            is not stored. A full write queue drops disk writes (counted).
+            is not stored. A full write queue drops slow writes (counted).
 
         Raises:
             ValueError: blocks of the wrong shape or dtype, more blocks than the full blocks of
-                ``token_ids``, bad token ids, or the store is closed.
+                ``token_ids``, bad token ids, or the store is closed or read-only.
         """
-        self._check_open()
+        self._check_open(writing=True)
         ns = self._ns(namespace)
         if not isinstance(start_block, int) or start_block < 0:
             raise ValueError(f"start_block: expected an integer >= 0, got {start_block!r}")
@@ -545,71 +593,109 @@ class KVStore:
         self._check_blocks(blocks)
         now = self._clock()
         parent = keys[start_block - 1] if start_block else b""
-        if parent and not (any(t.contains_many([parent], now)[0] for t in self.tiers)
-                           or (self.writer is not None and self.writer.queued(parent))):
+        if parent and not any(self._held(level, [parent], now)[0] for level in range(len(self.tiers))):
             self.metrics.add("orphan_blocks", len(blocks))
             return 0
         ns_id = keyslib.namespace_id(ns)
-        self._namespaces_seen(ns_id, ns)
+        self.ledger.register_namespace(ns_id, ns)
         raw = self._block_nbytes()
-
-        def entries_for(held: list[bool]) -> tuple[list[int], list[BlockEntry]]:
-            pos = [j for j in range(len(blocks)) if not held[j]]
-            return pos, [BlockEntry(keys[start_block + j], blocks[j],
-                                    EntryMeta(ns_id, start_block + j,
-                                              keys[start_block + j - 1] if start_block + j else b"",
-                                              now, now, raw)) for j in pos]
-
+        new = keys[start_block:end]
         stored = [False] * len(blocks)
-        for level, tier in enumerate(self.ram_tiers):
-            pos, entries = entries_for(tier.contains_many(keys[start_block:end], now))
+        for level, tier in enumerate(self.tiers):
+            # A slow tier is touched first, so a held block still on it counts as held (its
+            # write would store the same bytes); a fast tier after the insert, so that parents
+            # end up newer than their children.
+            if tier.slow:
+                tier.touch_many(keys[:end], now)
+            held = self._held(level, new, now)
+            pos = [j for j in range(len(blocks)) if not held[j]]
+            entries = [BlockEntry(new[j], blocks[j],
+                                  EntryMeta(ns_id, start_block + j,
+                                            keys[start_block + j - 1] if start_block + j else b"",
+                                            now, now, raw)) for j in pos]
             if entries:
-                ok = tier.put_many(entries, now, on_evict=self._spill_from(level))
+                ok = self._write_level(level, entries, now)
                 for j, o in zip(pos, ok):
                     stored[j] = stored[j] or o
-                self.metrics.add("stored_blocks", ok.count(True), tier=tier.name)
-            tier.touch_many(keys[:end], now)  # after the insert: parents end up newer than children
-        if self.disk is not None and self.writer is not None:
-            self.disk.touch_many(keys[:end], now)
-            held = self.disk.contains_many(keys[start_block:end], now)
-            held = [h or self.writer.queued(k) for h, k in zip(held, keys[start_block:end])]
-            pos, entries = entries_for(held)
-            if entries:
-                for j, o in zip(pos, self.writer.submit(entries)):
-                    stored[j] = stored[j] or o
+                if not tier.slow:  # a slow tier counts its own when the write lands
+                    self.metrics.add("stored_blocks", ok.count(True), tier=tier.name)
+            if not tier.slow:
+                tier.touch_many(keys[:end], now)
         self.metrics.observe("put_seconds", time.perf_counter() - t0)
         return sum(stored)
-
-    def _namespaces_seen(self, ns_id: int, ns: str) -> None:
-        """Remembers namespace names for the disk tier (written with the next batch)."""
-        if self.disk is not None:
-            self.disk.register_namespace(ns_id, ns)
 
     def pin(self, token_ids: Sequence[int] | np.ndarray, ttl_s: float,
             namespace: str | None = None) -> int:
         """Exempts the cached prefix of ``token_ids`` from eviction and expiry for ``ttl_s``.
 
         Returns:
-            The number of leading blocks pinned (those held now; blocks still in the write
-            queue are pinned on disk after ``flush()``).
+            The number of leading blocks pinned (those held now; blocks still in a write
+            queue are written first, so the pin reaches every tier).
 
         Raises:
-            ValueError: ``ttl_s`` is not a finite number >= 0, or bad token ids.
+            ValueError: ``ttl_s`` is not a finite number >= 0, bad token ids, or read-only.
         """
+        self._check_open(writing=True)
         if not isinstance(ttl_s, (int, float)) or not np.isfinite(ttl_s) or ttl_s < 0:
             raise ValueError(f"ttl_s: expected a finite number of seconds >= 0, got {ttl_s!r}")
         m = self.match(token_ids, namespace)
-        if self.writer is not None:
-            self.writer.flush()  # so the disk copies exist to carry the pin
+        for writer in self._writers.values():
+            writer.flush()  # so the slow tiers' copies exist to carry the pin
         until = self._clock() + ttl_s
         for tier in self.tiers:
             tier.pin_many(m.keys, until)
         return m.num_blocks
 
+    def plan_purge(self, older_than_s: float | None = None, idle_longer_than_s: float | None = None,
+                   namespace: str | None = None, all: bool = False,
+                   keys: Sequence[bytes] | None = None) -> PurgePlan:
+        """What ``purge`` with the same criteria would remove, in every tier; removes nothing.
+
+        Criteria combine with AND; ``all=True`` alone selects everything. Blocks chained below a
+        selected block go too: with their ancestor gone no prompt can reach them.
+
+        Raises:
+            ValueError: no criterion given, or a negative duration.
+        """
+        self._check_open()
+        if not all and older_than_s is None and idle_longer_than_s is None and namespace is None \
+                and keys is None:
+            raise ValueError("purge: give all=True or at least one of older_than_s, "
+                             "idle_longer_than_s, namespace, keys")
+        for name, v in (("older_than_s", older_than_s), ("idle_longer_than_s", idle_longer_than_s)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"{name}: expected seconds >= 0, got {v!r}")
+        ns_id = keyslib.namespace_id(namespace) if namespace is not None else None
+        keyset = set(keys) if keys is not None else None
+        if not self.readonly:
+            self.flush()  # queued writes and pending last-access times decide what matches
+        now = self._clock()
+        meta: dict[bytes, EntryMeta] = {}
+        for tier in reversed(self.tiers):  # the top tier's metadata is the most recent
+            meta.update(tier.entries())
+        selected = {k for k, m in meta.items()
+                    if (ns_id is None or m.namespace_id == ns_id)
+                    and (keyset is None or k in keyset)
+                    and (older_than_s is None or now - m.created > older_than_s)
+                    and (idle_longer_than_s is None or now - m.last_access > idle_longer_than_s)}
+        children: dict[bytes, list[bytes]] = {}
+        for k, m in meta.items():
+            if m.parent:
+                children.setdefault(m.parent, []).append(k)
+        below, todo = set(), list(selected)
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child not in below and child not in selected:
+                    below.add(child)
+                    todo.append(child)
+        return PurgePlan(frozenset(selected), frozenset(below), meta)
+
     def purge(self, older_than_s: float | None = None, idle_longer_than_s: float | None = None,
               namespace: str | None = None, all: bool = False,
               keys: Sequence[bytes] | None = None, dry_run: bool = False) -> int:
-        """Removes blocks from every tier; criteria combine with AND. Pins do not protect.
+        """Removes blocks from every tier (and, through the removal log, from other processes'
+        RAM tiers); the criteria are ``plan_purge``'s, and so is the cascade to blocks chained
+        below. Pins do not protect.
 
         Args:
             older_than_s: created more than this many seconds ago.
@@ -623,43 +709,35 @@ class KVStore:
             The number of distinct blocks removed (or that would be).
 
         Raises:
-            ValueError: no criterion given (``all=True`` is required to remove everything).
+            ValueError: no criterion given (``all=True`` is required to remove everything), or
+                the store is read-only (unless ``dry_run``).
         """
-        self._check_open()
-        if not all and older_than_s is None and idle_longer_than_s is None and namespace is None \
-                and keys is None:
-            raise ValueError("purge: give all=True or at least one of older_than_s, "
-                             "idle_longer_than_s, namespace, keys")
-        for name, v in (("older_than_s", older_than_s), ("idle_longer_than_s", idle_longer_than_s)):
-            if v is not None and (not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"{name}: expected seconds >= 0, got {v!r}")
-        ns_id = keyslib.namespace_id(namespace) if namespace is not None else None
-        keyset = set(keys) if keys is not None else None
-        self.flush()  # queued writes and pending last-access times decide what matches
+        plan = self.plan_purge(older_than_s, idle_longer_than_s, namespace, all, keys)
+        if dry_run:
+            return len(plan.keys)
+        return self.remove(plan.keys)
+
+    def remove(self, keys: Sequence[bytes] | frozenset[bytes]) -> int:
+        """Removes exactly ``keys`` from every tier; returns how many distinct blocks were held."""
+        self._check_open(writing=True)
+        gone = frozenset(keys)
+        if not gone:
+            return 0
         now = self._clock()
-
-        def select(key: bytes, meta: EntryMeta) -> bool:
-            return ((ns_id is None or meta.namespace_id == ns_id)
-                    and (keyset is None or key in keyset)
-                    and (older_than_s is None or now - meta.created > older_than_s)
-                    and (idle_longer_than_s is None or now - meta.last_access > idle_longer_than_s))
-
         removed: set[bytes] = set()
         for tier in self.tiers:
-            if dry_run:
-                removed.update(k for k, m in tier.entries() if select(k, m))
-            else:
-                removed.update(ev.key for ev in tier.purge(select, now))
+            removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now))
         return len(removed)
 
     def expire(self) -> int:
         """Removes every block idle past its tier's TTL now; returns how many were removed."""
-        self._check_open()
+        self._check_open(writing=True)
         now = self._clock()
         return sum(len(tier.expire(now)) for tier in self.tiers)
 
     def stats(self) -> dict[str, Any]:
-        """Tier occupancy and this process's counters, as plain JSON-able values."""
+        """Tier occupancy, the store's settings and this process's counters, as plain JSON-able
+        values."""
         snap = self.metrics.snapshot()["counters"]
         tiers = {}
         for tier in self.tiers:
@@ -678,6 +756,7 @@ class KVStore:
             "block_tokens": self.config.block_tokens,
             "block_shape": list(self.block_shape) if self.block_shape else None,
             "dtype": dtype_name(self.dtype) if self.dtype else None,
+            "settings": self.settings(),
             "tiers": tiers,
             "hit_tokens": hits,
             "miss_tokens": miss,
@@ -690,35 +769,53 @@ class KVStore:
             "io_errors": self.metrics.total("io_errors"),
         }
 
+    def settings(self) -> dict[str, Any]:
+        """The settings this store runs with (settings.py: stored with the data)."""
+        c = self.config
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in (
+            (k, getattr(c, k)) for k in (*settings.FIXED, *settings.POLICY))}
+
+    def namespaces(self) -> dict[int, str]:
+        """Namespace id -> name of every namespace the store has seen (its ledger)."""
+        return self.ledger.namespaces()
+
+    def lifetime_counters(self) -> dict[str, float]:
+        """Counters summed over every process that used the store (``Metrics.flat`` series,
+        persisted by ``flush``/``close`` and every few seconds by the writer threads)."""
+        return self.ledger.counters()
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until every block put so far is on disk, durable and visible to other
-        processes, and writes pending last-access times and this process's counters (so
+        """Waits until every block put so far is in every slow tier, durable and visible to
+        other processes, and writes pending last-access times and this process's counters (so
         ``kvstore stats`` sees lifetime hits and misses). False if ``timeout`` ran out."""
-        if self._closed:
+        if self._closed or self.readonly:
             return True
         self._check_fork()
-        done = self.writer.flush(timeout) if self.writer is not None else True
-        if self.disk is not None:
-            self.disk.flush()
-            self.persist_counters()
+        done = all([w.flush(timeout) for w in self._writers.values()])
+        for tier in self.tiers:
+            tier.flush()
+        self.persist_counters()
         return done
 
     def persist_counters(self) -> None:
-        """Adds what this process counted since the last call to the disk tier's lifetime
-        counters. Called by ``flush``/``close`` and, at most every COUNTERS_EVERY_S, by the
-        write-behind threads (never on the caller's path)."""
-        if self.disk is None:
+        """Adds what this process counted since the last call to the ledger's lifetime
+        counters, and writes pending namespace names. Called by ``flush``/``close`` and, at most
+        every COUNTERS_EVERY_S, by the write-behind threads (never on the caller's path)."""
+        if self.readonly or not self.ledger.durable:
             return
         with self._counters_lock:
             now = self.metrics.flat()
             deltas = {k: v - self._persisted.get(k, 0) for k, v in now.items() if v != self._persisted.get(k, 0)}
-            self.disk.add_counters(deltas)
+            self.ledger.add_counters(deltas)
+            self.ledger.flush()
             self._persisted = now
             self._persisted_at = time.monotonic()
 
     def _after_batch(self) -> None:
         if time.monotonic() - self._persisted_at >= COUNTERS_EVERY_S:
             self.persist_counters()
+        else:
+            self.ledger.flush()  # namespace names land with their first blocks
 
     def close(self) -> None:
         """Writes what is queued, stops the background threads and releases every tier.
@@ -726,13 +823,12 @@ class KVStore:
         with self._lock:
             if self._closed:
                 return
-            if self.writer is not None:
-                self.writer.close()
-            if self.disk is not None:
-                self.disk.flush()
-                self.persist_counters()
+            for writer in self._writers.values():
+                writer.close()
+            self.persist_counters()
             self._prefetcher.shutdown(wait=True)
             self._loaders.shutdown(wait=True)
             for tier in self.tiers:
                 tier.close()
+            self.ledger.close()
             self._closed = True

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .metrics import Metrics
-from .tiers.base import BlockEntry, Tier
-from .tiers.slab import copy_block, fill_zero
+from .tiers.base import BlockEntry, EvictCallback, Tier
+from .copies import copy_block, fill_zero
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,14 @@ class WriteBehind:
             the tier counts its own: capacity, no_space, io_error) and batch times.
         batch: most blocks in one write transaction.
         after_batch: called on a writer thread after each batch (the store persists counters).
+        on_evict: passed to the tier's ``put_many`` (the store spills victims further down).
     """
 
     def __init__(self, tier: Tier, slots: int, block_shape: tuple[int, ...], dtype: torch.dtype,
                  threads: int, clock: Callable[[], float], metrics: Metrics, batch: int = 64,
-                 after_batch: Callable[[], None] | None = None):
+                 after_batch: Callable[[], None] | None = None, on_evict: EvictCallback | None = None):
         self.tier, self.clock, self.metrics, self.batch = tier, clock, metrics, batch
-        self.after_batch = after_batch
+        self.after_batch, self.on_evict = after_batch, on_evict
         self._staging = torch.empty((max(slots, 0), *block_shape), dtype=dtype)
         fill_zero(self._staging)
         self._threads_wanted = threads
@@ -78,6 +79,7 @@ class WriteBehind:
         """Stages and queues ``entries`` (parent first); False where the queue was full.
 
         The blocks are copied before this returns: the caller may reuse its buffers at once.
+        An entry that carries its encoded record (and no block) is queued as it is, in a slot.
         """
         ok = []
         with self._cond:
@@ -89,8 +91,10 @@ class WriteBehind:
                     ok.append(False)
                     continue
                 slot = self._free.pop()
-                copy_block(self._staging[slot], e.block)
-                self._queue.append((BlockEntry(e.key, self._staging[slot], e.meta), slot))
+                if e.block is not None:
+                    copy_block(self._staging[slot], e.block)
+                    e = BlockEntry(e.key, self._staging[slot], e.meta)
+                self._queue.append((e, slot))
                 self._queued.add(e.key)
                 ok.append(True)
             if any(ok):
@@ -123,7 +127,7 @@ class WriteBehind:
                 self._inflight += 1
             t0 = time.perf_counter()
             try:
-                stored = self.tier.put_many([e for e, _ in items], self.clock())
+                stored = self.tier.put_many([e for e, _ in items], self.clock(), self.on_evict)
                 self.metrics.add("stored_blocks", stored.count(True), tier=self.tier.name)
                 self.metrics.observe("store_seconds", time.perf_counter() - t0)
                 if self.after_batch is not None:

@@ -51,7 +51,7 @@ def test_put_does_not_wait_for_disk_and_flush_makes_it_visible(open_store, tmp_p
 def test_full_write_queue_drops_and_counts(open_store):
     s = open_store(host_bytes=0, write_queue_bytes=2 * block_nbytes(), io_threads=1)
     # Hold the disk lock so the writer cannot drain the queue while we put.
-    with s.disk._lock:
+    with s.tier("disk")._lock:
         stored = s.put(list(range(6 * B)), blocks_for(6))
         assert stored == 2
     s.flush()
@@ -195,7 +195,7 @@ _HOLDER = """
 import sys, time
 from kvstore import KVStore, StoreConfig
 s = KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0))
-txn = s.disk._env.begin()  # a reader slot, held until the process is killed
+txn = s.tier("disk").env._env.begin()  # a reader slot, held until the process is killed
 print("holding", flush=True)
 time.sleep(600)
 """
@@ -209,7 +209,7 @@ def test_stale_reader_slots_of_a_killed_process_are_cleared(open_store, tmp_path
     os.kill(p.pid, signal.SIGKILL)
     p.wait(30)
     s = open_store()
-    assert str(p.pid) not in s.disk._env.readers()
+    assert str(p.pid) not in s.tier("disk").env.readers()
 
 
 @pytest.mark.gpu
@@ -218,7 +218,7 @@ def test_cuda_device_tier_pinned_host_and_async_copies(tmp_path):
     cfg = StoreConfig(path=tmp_path / "s", block_tokens=B, device="cuda", device_bytes=4 * block_nbytes(),
                       host_bytes=8 * block_nbytes(), disk_bytes=1 << 22)
     with KVStore.open(cfg) as s:
-        assert s.host._slab.is_pinned() and s.device_tier._slab.is_cuda
+        assert s.tier("host")._slab.is_pinned() and s.tier("device")._slab.is_cuda
         toks = list(range(6 * B))
         blocks = [b.cuda() for b in blocks_for(6)]
         s.put(toks, blocks)
@@ -261,7 +261,7 @@ def test_a_purge_from_another_process_reaches_this_process_ram(open_store, tmp_p
 def test_a_chain_can_be_extended_while_its_parent_is_still_queued(open_store):
     s = open_store(host_bytes=0, io_threads=1)
     toks = list(range(4 * B))
-    with s.disk._lock:  # the writer cannot drain while we extend the chain
+    with s.tier("disk")._lock:  # the writer cannot drain while we extend the chain
         s.put(toks[:2 * B], blocks_for(4)[:2])
         assert s.put(toks, blocks_for(4)[2:], start_block=2) == 2
     s.flush()
@@ -278,7 +278,7 @@ def test_counters_outlive_the_process_and_add_up_across_processes(open_store):
     s2 = open_store()
     s2.match(toks + [1])
     s2.flush()
-    c = s2.disk.counters()
+    c = s2.lifetime_counters()
     assert c["requests|"] == 3
     assert c["miss_tokens|"] == 2 * B + 1 and c["hit_tokens|tier=host"] == 2 * B
     assert c["hit_tokens|tier=disk"] == 2 * B  # the second process's hit came from disk

@@ -92,7 +92,7 @@ def test_host_eviction_spills_and_disk_keeps_serving(open_store):
 
 
 def test_disk_budget_holds_and_lru_keeps_parents(open_store, clock):
-    rec = entry_cost(len(open_store("probe", compression="none").codec.encode(make_block(0))))
+    rec = entry_cost(len(open_store("probe", compression="none").tier("disk").codec.encode(make_block(0))))
     s = open_store(host_bytes=0, compression="none", disk_bytes=10 * rec)
     long = list(range(8 * B))
     s.put(long, blocks_for(8))
@@ -110,7 +110,7 @@ def test_disk_budget_holds_and_lru_keeps_parents(open_store, clock):
 
 
 def test_touch_on_match_protects_a_prefix(open_store, clock):
-    rec = entry_cost(len(open_store("probe", compression="none").codec.encode(make_block(0))))
+    rec = entry_cost(len(open_store("probe", compression="none").tier("disk").codec.encode(make_block(0))))
     s = open_store(host_bytes=0, compression="none", disk_bytes=4 * rec)
     a, b = list(range(2 * B)), list(range(500, 500 + 2 * B))
     s.put(a, blocks_for(2, 1))

@@ -58,7 +58,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="kvstore-stateful-"))
         self.clock = FakeClock()
         probe = len(KVStore.open(StoreConfig(path=self.dir / "probe", compression="none"))
-                    .codec.encode(make_block(0)))
+                    .tier("disk").codec.encode(make_block(0)))
         self.cfg = StoreConfig(path=self.dir / "s", block_tokens=B, compression="none",
                                host_bytes=self.host_blocks * make_block(0).numel() * 2,
                                disk_bytes=CAPACITY * entry_cost(probe),
@@ -191,8 +191,8 @@ class ExactDiskModel(StoreMachine):
         # read first: blocks only move from it to the disk). Across tiers this cannot hold:
         # they evict independently, and a RAM block whose parent left every tier is simply
         # unreachable, never served, and ages out; so the two-tier machine does not check it.
-        queued = self.store.writer.queued_keys() if self.store.writer is not None else set()
-        disk = dict(self.store.disk.entries())
+        queued = set().union(*(w.queued_keys() for w in self.store._writers.values()))
+        disk = dict(self.store.tier("disk").entries())
         for key, meta in disk.items():
             if meta.depth:
                 assert meta.parent in disk or meta.parent in queued, "a child outlived its parent"

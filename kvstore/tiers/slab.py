@@ -12,10 +12,9 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
-from ..codec import byte_view
+from ..copies import copy_block, fill_zero
 from ..eviction import EntryMeta, LRUIndex, is_expired
 from ..metrics import Metrics
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
@@ -31,6 +30,9 @@ class SlabTier:
         device: torch device of the slab.
         pin_memory: pin a CPU slab (only honoured when CUDA is available).
     """
+
+    slow = False
+    shared = False
 
     def __init__(self, name: str, capacity_bytes: int, ttl_s: float, device: str | torch.device = "cpu",
                  pin_memory: bool = True, metrics: Metrics | None = None):
@@ -77,11 +79,14 @@ class SlabTier:
                     break
         return out
 
-    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
+    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
+                 now: float | None = None) -> list[bool]:
         ok = []
         with self._lock:
             for key, out in zip(keys, outs):
                 slot = self._slot_of.get(key)
+                if slot is not None and now is not None and is_expired(self._index.get(key), now, self.ttl_s):
+                    slot = None
                 if slot is not None:
                     copy_block(out, self._slab[slot])
                 ok.append(slot is not None)
@@ -174,64 +179,12 @@ class SlabTier:
             n = len(self._slot_of)
             return TierUsage(n, n * self.block_nbytes, n * self.block_nbytes, self.capacity_bytes)
 
+    def flush(self) -> None:
+        pass  # nothing outlives the process
+
     def close(self) -> None:
         with self._lock:
             self._slab = None
             self._slot_of.clear()
             self._index = LRUIndex()
             self._free = []
-
-
-
-def _plain_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous()
-
-
-_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """One dedicated copy stream per CUDA device, so copies overlap the engine's compute."""
-    stream = _streams.get(device)
-    if stream is None:
-        stream = _streams[device] = torch.cuda.Stream(device=device)
-    return stream
-
-
-def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[...] = src``, safe to read on return from the CPU and from the current CUDA stream.
-
-    - CPU to CPU (contiguous): a single-threaded memcpy (numpy). torch's intra-op threads were
-      measured to stall a 1.4 MiB copy for a scheduler tick (8 ms) when the engine keeps the
-      other cores busy, and a memcpy needs no threads.
-    - Involving CUDA: a ``non_blocking`` copy on a dedicated stream that first waits for the
-      current stream (which produced ``src``). Device to device, the current stream then waits
-      on an event (the CPU does not block; every slab copy is on the same stream, so a slot is
-      never overwritten before an earlier copy out of it ran). With a host buffer involved, the
-      CPU waits on the event, because it may write or read that buffer next.
-    """
-    if _plain_cpu(dst) and _plain_cpu(src) and dst.dtype == src.dtype and dst.shape == src.shape:
-        np.copyto(byte_view(dst), byte_view(src))
-        return
-    if (dst.is_cuda or src.is_cuda) and torch.cuda.is_available():
-        device = dst.device if dst.is_cuda else src.device
-        stream = _copy_stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-        if dst.is_cuda and src.is_cuda:
-            torch.cuda.current_stream(device).wait_event(done)
-        else:
-            done.synchronize()
-        return
-    dst.copy_(src)
-
-
-def fill_zero(t: torch.Tensor) -> None:
-    """Zeroes ``t`` (touching every page now, not on the engine's first writes)."""
-    if _plain_cpu(t):
-        byte_view(t).fill(0)
-    else:
-        t.zero_()

@@ -1,0 +1,63 @@
+"""The default tier stack a store opens from its config: device -> host -> disk.
+
+The only module besides the tiers themselves that names concrete tiers: the store loops over
+whatever list it is given (``KVStore(config, tiers=..., ledger=...)`` injects another).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import settings
+from .codec import Codec
+from .config import StoreConfig
+from .ledger import Ledger, MemoryLedger
+from .metrics import Metrics
+from .tiers.base import Tier
+from .tiers.disk import DiskLedger, DiskTier, LMDBEnv
+from .tiers.slab import SlabTier
+
+
+@dataclasses.dataclass
+class Stack:
+    config: StoreConfig  # resolved against the stored settings
+    tiers: list[Tier]  # fastest first
+    ledger: Ledger
+
+
+def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) -> Stack:
+    """Opens the tiers ``config`` enables, with the settings stored in the store.
+
+    Read-only: no RAM tiers, nothing created or written.
+
+    Raises:
+        StoreOpenError, IncompatibleFormatError: from the disk tier.
+        SettingsMismatchError: ``config`` names another block size or layout than the store's.
+    """
+    env = None
+    ledger: Ledger = MemoryLedger()
+    if config.disk_bytes > 0:
+        disk_dir = config.path / "disk"
+        if not readonly:
+            disk_dir.mkdir(mode=0o700, exist_ok=True)
+        env = LMDBEnv(disk_dir, 2 * config.disk_bytes, readonly=readonly)
+        ledger = DiskLedger(env, metrics)  # closes env, after the tiers
+    try:
+        config, save = settings.resolve(config, ledger.settings())
+    except Exception:
+        ledger.close()
+        raise
+    if save and not readonly:
+        ledger.save_settings(save)
+    tiers: list[Tier] = []
+    if not readonly:
+        if config.device_bytes > 0:
+            tiers.append(SlabTier("device", config.device_bytes, config.device_ttl_s,
+                                  device=config.resolved_device(), metrics=metrics))
+        if config.host_bytes > 0:
+            tiers.append(SlabTier("host", config.host_bytes, config.host_ttl_s, device="cpu",
+                                  metrics=metrics))
+    if env is not None:
+        codec = Codec(config.compression, config.zstd_level, config.byte_split)
+        tiers.append(DiskTier(None, config.disk_bytes, config.disk_ttl_s, codec, metrics, env=env))
+    return Stack(config, tiers, ledger)

@@ -1,0 +1,334 @@
+"""LMDBEnv: one LMDB environment shared by the disk tier and the store's own records.
+
+Every LMDB rule of the project lives in this module (the only one that imports ``lmdb``):
+- each transaction is a ``with env.begin(...)`` block; read transactions stay short;
+- ``buffers=True`` values are decoded (copied) before their transaction ends;
+- ``writemap=True`` (measured fastest for large values). With it a write into a page the disk
+  never allocated is SIGBUS when the disk is full, so no write transaction runs until the data
+  file is allocated (``posix_fallocate``) up to the map size, the lock file is created
+  allocated, and a full disk turns into dropped writes;
+- ``set_mapsize`` only outside transactions, on ``MapFullError`` (grow) and ``MapResizedError``
+  (another process grew it). With writemap LMDB truncates the file to the map size it is given,
+  so opening and every map change hold ``resize.lock`` and never map less than the file: no
+  process shrinks the file under another's map;
+- ``reader_check()`` at open clears reader slots of killed processes;
+- never ``readahead=False`` (measured 30 MB/s cold);
+- the environment belongs to the process that opened it: a forked child reopens it.
+
+A read-only environment writes nothing (no lock-file allocation, no ``resize.lock``, no database
+created) and works on a read-only mount, where LMDB runs without its lock file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import lmdb
+
+from ...errors import IncompatibleFormatError, StoreOpenError
+
+LMDBError = lmdb.Error  # what a transaction raises for a fault inside LMDB
+DISK_FORMAT_VERSION = 1
+# Databases: records, meta and lru belong to the tier (schema.py); info holds the format version,
+# totals and the removal epoch; the rest are the store's own records (ledger.py, removals.py).
+DBS = (b"records", b"meta", b"lru", b"info", b"namespaces", b"purges", b"counters", b"settings")
+_U64 = struct.Struct("<Q")
+_NEW_MAP = 1 << 20  # a new store's first map; growth reserves the rest as it is needed
+_MIN_MAP = 64 << 20
+_MIN_STEP = 1 << 20  # the smallest growth asked of a nearly full disk
+# The size LMDB gives its lock file for max_readers=512: 511 64-byte reader slots after a 192-byte
+# header. Created at exactly this size, LMDB keeps it as it is (a larger file means more readers,
+# which processes that mapped the smaller one would not see).
+_LOCK_BYTES = 32896
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Allocates ``path``'s blocks up to ``nbytes`` (creating it owner-only), so writes through a
+    shared map cannot fault. A filesystem that cannot allocate is left as it is.
+
+    Raises OSError: ENOSPC or EDQUOT when the disk is full, others on I/O errors."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+class _RemapGate:
+    """Transactions share; a remap (``set_mapsize``) is exclusive.
+
+    LMDB forbids changing the map while any transaction of the process is open (the mapping
+    moves under the readers' pointers). Read transactions run without the tier's lock, so every
+    transaction holds this gate shared, and growth or adoption of another process's growth
+    holds it alone.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._remapping = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._remapping)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._remapping)
+            self._remapping = True
+            self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._remapping = False
+                self._cond.notify_all()
+
+
+class LMDBEnv:
+    """The environment at ``path`` (a directory that must exist) and its named databases.
+
+    Args:
+        path: the environment's directory.
+        map_cap: the largest map (and data file) this process grows to.
+        readonly: open for reading only; the environment must already exist.
+
+    Raises (at open):
+        StoreOpenError: the directory cannot be opened (or, read-only, holds no environment).
+        IncompatibleFormatError: the store was written by a newer format version.
+    """
+
+    def __init__(self, path: str | os.PathLike, map_cap: int, readonly: bool = False):
+        self.path = Path(path)
+        self.map_cap = max(map_cap, _MIN_MAP)
+        self.readonly = readonly
+        self.lock = threading.RLock()  # writers and reopen; never held by readers
+        self._after_fork: list[Callable[[], None]] = []
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._open()
+
+    def on_reopen(self, fn: Callable[[], None]) -> None:
+        """Registers ``fn``, called (under ``lock``) when a forked child reopens the environment."""
+        self._after_fork.append(fn)
+
+    # -- open, fork ----------------------------------------------------------------------------
+    def _open(self) -> None:
+        data = self.path / "data.mdb"
+        self._gate = _RemapGate()
+        if self.readonly and not data.exists():
+            raise StoreOpenError(f"{self.path}: cannot open the disk tier: no data.mdb here")
+        with self._resizing():
+            size = data.stat().st_size if data.exists() else 0
+            if not self.readonly:
+                self._allocate_lock_file()
+            try:
+                # Never less than the file: with writemap LMDB truncates the file to this size.
+                env = lmdb.open(
+                    str(self.path), map_size=size or _NEW_MAP, max_dbs=16, writemap=True,
+                    metasync=True, sync=True, readahead=True, max_readers=512,
+                    readonly=self.readonly, lock=True, mode=0o600, create=not self.readonly,
+                )
+            except lmdb.Error as e:
+                raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
+            self._env, self._pid, self._backed = env, os.getpid(), 0
+            if not self.readonly and not size:
+                try:
+                    self._ensure_backed()
+                except OSError as e:
+                    env.close()
+                    raise StoreOpenError(f"{self.path}: cannot create the disk tier: "
+                                         f"{e.strerror or e}") from None
+
+        def open_dbs(txn):
+            """The databases and the stored format version; writes nothing unless the store is new."""
+            dbs = {name: env.open_db(name, txn=txn, create=True) for name in DBS}
+            raw = txn.get(b"format", db=dbs[b"info"])
+            if raw is None:
+                txn.put(b"format", _U64.pack(DISK_FORMAT_VERSION), db=dbs[b"info"])
+            return dbs, raw
+        try:
+            if not self.readonly:
+                env.reader_check()
+                dbs, raw = self.write(open_dbs)
+            else:  # LMDB keeps handles opened in a read transaction only until it ends
+                dbs = {}
+                for name in DBS:
+                    try:
+                        dbs[name] = env.open_db(name, create=False)
+                    except lmdb.NotFoundError:  # a database a newer kvstore added: read as empty
+                        dbs[name] = None
+                if dbs[b"info"] is None:
+                    raise lmdb.NotFoundError("not a kvstore disk tier")
+                with env.begin() as txn:
+                    raw = txn.get(b"format", db=dbs[b"info"])
+        except (lmdb.Error, OSError) as e:
+            env.close()
+            raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
+        version = _U64.unpack(raw)[0] if raw is not None else None
+        if version is not None and version > DISK_FORMAT_VERSION:
+            env.close()
+            raise IncompatibleFormatError(
+                f"{self.path}: written by disk format version {version}; this kvstore reads "
+                f"up to {DISK_FORMAT_VERSION}: upgrade kvstore or use another path"
+            )
+        self.dbs = dbs
+
+    def check_pid(self) -> None:
+        """In a forked child: reopens the environment (call under ``lock``).
+
+        LMDB environments must not cross fork(): a child reopens its own. Closing the inherited
+        handle first is safe: LMDB clears only reader slots of the calling pid, and the parent's
+        file locks are not the child's to release."""
+        if self._pid != os.getpid():
+            self._env.close()
+            self._open()
+            for fn in self._after_fork:
+                fn()
+
+    def reader_check(self) -> int:
+        """Clears reader slots of processes that died holding them; returns how many."""
+        with self.lock:
+            self.check_pid()
+            return self._env.reader_check()
+
+    def readers(self) -> str:
+        """LMDB's reader table as text (one line per slot: pid, thread, txn id)."""
+        return self._env.readers()
+
+    def info(self) -> dict:
+        return self._env.info()
+
+    @contextlib.contextmanager
+    def _resizing(self):
+        """Holds ``resize.lock``: one process at a time opens or changes its map (see top)."""
+        if self.readonly:  # without writemap LMDB never truncates: nothing to serialize
+            yield
+            return
+        fd = os.open(self.path / "resize.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a lock per open file: threads exclude each other too
+            yield
+        finally:
+            os.close(fd)
+
+    def _allocate_lock_file(self) -> None:
+        """Creates LMDB's lock file allocated (or fills an existing one's holes): LMDB writes
+        reader slots through a shared map, where an unallocated page on a full disk is SIGBUS."""
+        lock = self.path / "lock.mdb"
+        try:
+            _allocate(lock, max(lock.stat().st_size if lock.exists() else 0, _LOCK_BYTES))
+        except OSError as e:
+            raise StoreOpenError(f"{lock}: cannot allocate the lock file: {e.strerror or e}") from None
+
+    # -- map growth ------------------------------------------------------------------------------
+    def _reserve(self, nbytes: int) -> None:
+        """Allocates the data file up to ``nbytes`` (see ``_allocate``)."""
+        _allocate(self.path / "data.mdb", nbytes)
+
+    def _ensure_backed(self) -> None:
+        """Before a write transaction: the data file is allocated up to the map size."""
+        size = self._env.info()["map_size"]
+        if self._backed < size:
+            self._reserve(size)
+            self._backed = size
+
+    def _grow(self) -> bool:
+        """Doubles the map up to ``map_cap``, reserving the file space first; on a nearly full
+        disk asks for less, down to _MIN_STEP. False at ``map_cap``.
+
+        Raises OSError: the disk cannot give even _MIN_STEP (ENOSPC), or an I/O error."""
+        with self._resizing():
+            current = self._env.info()["map_size"]
+            on_disk = (self.path / "data.mdb").stat().st_size
+            if on_disk > current:  # another process grew the file: map that first
+                self._remap(on_disk)
+                return True
+            if current >= self.map_cap:
+                return False
+            step = min(self.map_cap, max(2 * current, _MIN_MAP)) - current
+            while True:
+                try:
+                    self._reserve(current + step)
+                    break
+                except OSError as e:
+                    if e.errno not in NO_SPACE or step <= _MIN_STEP:
+                        raise
+                    step = max(_MIN_STEP, step // 2 // _MIN_STEP * _MIN_STEP)
+            self._remap(current + step)
+            self._backed = current + step
+        return True
+
+    def _remap(self, size: int) -> None:
+        with self._gate.exclusive():
+            self._env.set_mapsize(size)
+
+    def _adopt_map(self) -> None:
+        """Maps the size another process grew the file to (the file size: never less)."""
+        with self._resizing():
+            self._remap(max(self._env.info()["map_size"], (self.path / "data.mdb").stat().st_size))
+
+    # -- transactions ------------------------------------------------------------------------------
+    def write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
+        """Runs ``fn`` in a write transaction, growing the map on MapFullError. Call under
+        ``lock``. ``fn`` may run more than once (an aborted transaction changed nothing).
+
+        Raises lmdb.Error, or OSError (ENOSPC when the disk is full): nothing was written.
+        """
+        if self.readonly:
+            raise PermissionError(f"{self.path}: disk tier opened read-only")
+        for _ in range(32):
+            try:
+                self._ensure_backed()
+                with self._gate.shared(), self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._adopt_map()
+            except lmdb.MapFullError:
+                if not self._grow():
+                    raise
+        raise lmdb.MapFullError("map could not be grown")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def reading(self):
+        """A short read transaction (``buffers=True``), run without ``lock``."""
+        with self.lock:
+            self.check_pid()
+        for attempt in range(2):
+            with self._gate.shared():
+                try:
+                    txn = self._env.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    if attempt:
+                        raise
+                else:
+                    with txn:
+                        yield txn
+                    return
+            self._adopt_map()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._env is not None and self._pid == os.getpid():
+                self._env.close()
+            self._env = None
