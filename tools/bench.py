@@ -29,6 +29,8 @@ from kvstore.tiers.base import BlockEntry
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.slab import SlabTier
 
+from . import bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
+
 MiB = 1 << 20
 
 
@@ -399,14 +401,11 @@ def print_pipeline(r: dict) -> None:
 def cmd_vllm(args) -> dict:
     import importlib.util
     if importlib.util.find_spec("vllm") is None:  # not imported here: vLLM reads env at import
-        raise SystemExit("bench vllm needs vLLM: run it with .venv-vllm/bin/python "
-                         "(make test-vllm builds that environment)")
-    from tools import bench_vllm
+        raise SystemExit(bench_vllm.NEEDS_VLLM)
     return bench_vllm.run(args)
 
 
 def print_vllm(r: dict) -> None:
-    from tools import bench_vllm
     bench_vllm.show(r)
 
 
