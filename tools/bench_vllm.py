@@ -31,10 +31,10 @@ def _model_dir() -> Path:
     """The plain-checkpoint copy of SmolLM2-135M-Instruct, converted from its GGUF once."""
     import torch
 
-    from engine_adapter import hf_model
-    path = hf_model.default_convert_dir(torch.float32)
+    from engine_adapter import model_files
+    path = model_files.default_convert_dir(torch.float32)
     if not (path / "config.json").is_file():
-        hf_model.load_default_model(torch.float32)  # converts into default_convert_dir
+        model_files.load_default_model(torch.float32)  # converts into default_convert_dir
     return path
 
 
