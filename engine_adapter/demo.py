@@ -22,7 +22,7 @@ import torch
 
 from kvstore import KVStore, StoreConfig
 
-from . import hf_model
+from . import model_files
 from . import scenarios as sc
 from .hf import CachedLM, Completion
 
@@ -36,11 +36,11 @@ def progress(msg: str) -> None:
 
 
 def load() -> tuple:
-    marker = hf_model.default_convert_dir() / "config.json"
+    marker = model_files.default_convert_dir() / "config.json"
     note = "" if marker.exists() else " (first run: converting the GGUF once, about 30 s)"
     progress(f"loading SmolLM2-135M-Instruct{note}")
     t = time.perf_counter()
-    model, tok = hf_model.load_default_model()
+    model, tok = model_files.load_default_model()
     progress(f"model ready in {time.perf_counter() - t:.1f} s")
     return model, tok
 

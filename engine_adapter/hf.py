@@ -29,7 +29,8 @@ import xxhash
 from kvstore import KVStore, make_namespace
 from kvstore.codec import dtype_name
 
-from . import hf_model
+from .generation import GenerationResult, greedy_generate, prefill
+from .kv_blocks import KVLayout, blocks_from_cache, cache_from_blocks
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class CachedLM:
     """A causal LM whose prompt prefixes are cached in ``store``.
 
     Args:
-        model, tokenizer: from ``hf_model.load_model`` (batch 1, CPU).
+        model, tokenizer: from ``model_files.load_model`` (batch 1, CPU).
         store: the KVStore, or None to run without a cache (same code path, same numerics).
         model_id: identity for the namespace; defaults to a digest of the weights.
         tenant: tenant salt: tenants never share blocks.
@@ -102,7 +103,7 @@ class CachedLM:
     def __init__(self, model, tokenizer, store: KVStore | None = None, *, model_id: str | None = None,
                  tenant: str = "", prices: Prices = Prices(), prefill_chunk: int | None | str = "block"):
         self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.layout = hf_model.KVLayout.of(model)
+        self.layout = KVLayout.of(model)
         self.block_tokens = store.config.block_tokens if store is not None else 64
         self.prefill_chunk = self.block_tokens if prefill_chunk == "block" else prefill_chunk
         if self.prefill_chunk is not None and self.prefill_chunk % self.block_tokens:
@@ -173,9 +174,9 @@ class CachedLM:
         if self.prefill_chunk is not None:
             usable -= usable % (self.prefill_chunk // self.block_tokens)
         hit = usable * self.block_tokens
-        past = hf_model.cache_from_blocks(blocks[:usable], self.layout, self.model.config) if usable else None
+        past = cache_from_blocks(blocks[:usable], self.layout, self.model.config) if usable else None
         t_lookup = time.perf_counter() - t0
-        res = hf_model.greedy_generate(self.model, prompt_ids, past, hit, max_new_tokens,
+        res = greedy_generate(self.model, prompt_ids, past, hit, max_new_tokens,
                                        prefill_chunk=self.prefill_chunk)
         ttft = t_lookup + res.ttft_s
         self._save(prompt_ids, res, usable)
@@ -218,7 +219,7 @@ class CachedLM:
             self._fault("lookup", e)
             return [], ()
 
-    def _save(self, prompt_ids: list[int], res: hf_model.GenerationResult, start_block: int) -> None:
+    def _save(self, prompt_ids: list[int], res: GenerationResult, start_block: int) -> None:
         if self.store is None:
             return
         try:
@@ -235,10 +236,10 @@ class CachedLM:
                     # one-token decode steps: recompute them the canonical way first.
                     cache = res.cache
                     cache.crop(canon - cache.get_seq_length())
-                    hf_model.prefill(self.model, all_ids[:n_full * bt], canon, cache, self.prefill_chunk)
+                    prefill(self.model, all_ids[:n_full * bt], canon, cache, self.prefill_chunk)
             if n_full <= start_block:
                 return
-            blocks = hf_model.blocks_from_cache(res.cache, self.layout, start_block * bt,
+            blocks = blocks_from_cache(res.cache, self.layout, start_block * bt,
                                                 n_full - start_block, bt)
             self.store.put(all_ids[:n_full * bt], blocks, namespace=self.namespace, start_block=start_block)
         except Exception as e:  # best effort: the answer is already computed

@@ -29,6 +29,8 @@ from kvstore.tiers.base import BlockEntry
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.slab import SlabTier
 
+from . import bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
+
 MiB = 1 << 20
 
 
@@ -65,14 +67,14 @@ def drop_page_cache(path: Path) -> str:
 # -- real KV ----------------------------------------------------------------------------------
 def real_kv(dtype: torch.dtype, num_blocks: int, block_tokens: int = 64) -> list[torch.Tensor]:
     """KV blocks of SmolLM2-135M-Instruct computed on a real document, in ``dtype``."""
-    from engine_adapter import hf_model
+    from engine_adapter import generation, kv_blocks, model_files
     from engine_adapter.scenarios import DOCUMENT
 
-    model, tok = hf_model.load_model(dtype=torch.float32)
-    layout = hf_model.KVLayout.of(model)
+    model, tok = model_files.load_model(dtype=torch.float32)
+    layout = kv_blocks.KVLayout.of(model)
     ids = tok(DOCUMENT * 4)["input_ids"][: num_blocks * block_tokens]
-    res = hf_model.greedy_generate(model, ids + [ids[-1]], max_new_tokens=1)
-    blocks = hf_model.blocks_from_cache(res.cache, layout, 0, len(ids) // block_tokens, block_tokens)
+    res = generation.greedy_generate(model, ids + [ids[-1]], max_new_tokens=1)
+    blocks = kv_blocks.blocks_from_cache(res.cache, layout, 0, len(ids) // block_tokens, block_tokens)
     return [b.to(dtype) for b in blocks]  # the model's KV rounded as an engine in dtype holds it
 
 
@@ -211,11 +213,11 @@ def bench_match(workdir: Path, prompt_tokens: int = 131072, block_tokens: int = 
 
 def bench_ttft(workdir: Path, lengths: tuple[int, ...], repeat: int) -> dict:
     """Time to first token with all but the last block cached, against recompute, same run."""
-    from engine_adapter import hf_model
+    from engine_adapter import model_files
     from engine_adapter.hf import CachedLM
     from engine_adapter.scenarios import DOCUMENT
 
-    model, tok = hf_model.load_default_model()
+    model, tok = model_files.load_default_model()
     ids_all = tok(DOCUMENT * 2)["input_ids"]
     out = {}
     for n in lengths:
@@ -399,14 +401,11 @@ def print_pipeline(r: dict) -> None:
 def cmd_vllm(args) -> dict:
     import importlib.util
     if importlib.util.find_spec("vllm") is None:  # not imported here: vLLM reads env at import
-        raise SystemExit("bench vllm needs vLLM: run it with .venv-vllm/bin/python "
-                         "(make test-vllm builds that environment)")
-    from tools import bench_vllm
+        raise SystemExit(bench_vllm.NEEDS_VLLM)
     return bench_vllm.run(args)
 
 
 def print_vllm(r: dict) -> None:
-    from tools import bench_vllm
     bench_vllm.show(r)
 
 

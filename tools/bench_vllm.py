@@ -23,16 +23,18 @@ import time
 from pathlib import Path
 
 BLOCK_TOKENS = 64
+NEEDS_VLLM = ("bench vllm needs vLLM: run it with .venv-vllm/bin/python "
+              "(make test-vllm builds that environment)")
 
 
 def _model_dir() -> Path:
     """The plain-checkpoint copy of SmolLM2-135M-Instruct, converted from its GGUF once."""
     import torch
 
-    from engine_adapter import hf_model
-    path = hf_model.default_convert_dir(torch.float32)
+    from engine_adapter import model_files
+    path = model_files.default_convert_dir(torch.float32)
     if not (path / "config.json").is_file():
-        hf_model.load_default_model(torch.float32)  # converts into default_convert_dir
+        model_files.load_default_model(torch.float32)  # converts into default_convert_dir
     return path
 
 
@@ -124,9 +126,25 @@ def show(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Same as ``python -m tools.bench vllm``: one command line for every benchmark."""
-    from tools import bench
-    return bench.main(["vllm", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m tools.bench_vllm [--quick] [--json] [--workdir DIR]``; the same run as
+    ``python -m tools.bench vllm`` (which imports this module: this one imports no other tool)."""
+    import argparse
+    import importlib.util
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m tools.bench_vllm", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quick", action="store_true", help="one prompt length, one repeat: a smoke run")
+    p.add_argument("--workdir", help="directory for the temporary store (default: the system temp dir)")
+    args = p.parse_args(argv)
+    if importlib.util.find_spec("vllm") is None:  # not imported here: vLLM reads env at import
+        raise SystemExit(NEEDS_VLLM)
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        show(results)
+    return 0
 
 
 if __name__ == "__main__":

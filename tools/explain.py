@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,30 +162,47 @@ def load_prompt(path: str, tokenizer: Callable[[], Any], fmt: str = "auto",
     return Prompt(path, kind, ids, text, offsets, data, _locate_fields(text, data))
 
 
-def default_tokenizer(directory: str | None = None) -> Any:
-    """The tokenizer in ``directory``, or the default model's (engine_adapter.hf_model).
+def load_tokenizer(source: str | os.PathLike) -> Any:
+    """The tokenizer in directory ``source`` (or of the model named ``source``, from the local
+    Hugging Face cache only: never the network).
 
     Raises:
-        KVStoreError: no tokenizer could be loaded.
+        KVStoreError: no tokenizer could be loaded from there.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        if directory is not None:
-            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        from engine_adapter import hf_model
-        try:  # the converted copy holds the tokenizer: no need to load the weights
-            return AutoTokenizer.from_pretrained(hf_model.default_convert_dir(), local_files_only=True)
-        except OSError:
-            hf_logging.disable_progress_bar()
-            return hf_model.load_default_model()[1]
-    except KVStoreError:
-        raise
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except Exception as e:
-        where = directory or "the default model (engine_adapter.hf_model)"
-        raise KVStoreError(f"cannot load a tokenizer from {where}: {type(e).__name__}: {e}") from None
+        raise KVStoreError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {e}") from None
+
+
+# A weights digest (xxh3-64 hex, engine_adapter.hf.model_fingerprint): an identity, not a name.
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+# vLLM's identity (engine_adapter.vllm_connector): NAME@REVISION#DIGEST-OF-THE-HF-CONFIG.
+_VLLM_MODEL = re.compile(r"(?P<name>.+)@[^@#]*#[0-9a-f]{16}")
+
+
+def namespace_model(namespace: str) -> str | None:
+    """The model identity recorded in a namespace made by ``kvstore.keys.make_namespace``
+    (its leading ``model=`` field), or None for a namespace of another form."""
+    first = namespace.split("|", 1)[0]
+    if not first.startswith("model="):
+        return None
+    return first.removeprefix("model=") or None
+
+
+def tokenizer_source(model: str) -> str | None:
+    """Where the tokenizer of a recorded model identity loads from: the model name or directory
+    the engine was given (vLLM records ``NAME@REVISION#CONFIG-DIGEST``; a ``model_id`` passed
+    to an adapter is taken as it is), or None when the identity is only a digest of the weights
+    (the transformers adapter's default), which names no tokenizer."""
+    if _DIGEST.fullmatch(model):
+        return None
+    m = _VLLM_MODEL.fullmatch(model)
+    return m["name"] if m else model
 
 
 # -- comparing --------------------------------------------------------------------------------
@@ -425,6 +443,8 @@ def render(r: dict, *, max_rows: int = 12) -> str:
         lines.append(f"{name.upper()}  {d['source']}  ({what}): {d['tokens']} tokens = {d['full_blocks']} "
                      f"full block(s) of {bt} + {d['partial_block_tokens']} never cached")
     lines.append(f"namespace  {r['namespace']}")
+    if r.get("tokenizer"):
+        lines.append(f"tokenizer  {r['tokenizer']['source']}  ({r['tokenizer']['from']})")
     lines.append("")
     lines.append(f"why        {r['summary']}")
     h = r["b_after_a"]

@@ -1,0 +1,83 @@
+"""How the commands describe and select held blocks: one block as data, namespace and key
+filters, and the blocks chained below others."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+from kvstore import KVStoreError
+from kvstore.eviction import EntryMeta
+from kvstore.keys import namespace_id
+
+
+def iso(ts: float | None) -> str | None:
+    """A timestamp as local ISO 8601 with its offset, to the second."""
+    return None if ts is None else dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def ns_label(names: dict[int, str], ns_id: int) -> str:
+    """A namespace's name, or ``#`` and its id where the store has no name for it."""
+    return names.get(ns_id, f"#{ns_id:016x}")
+
+
+def expires(meta: EntryMeta, ttl: float) -> float:
+    return max(meta.last_access + ttl, meta.pinned_until)
+
+
+def entry_json(key: bytes, m: EntryMeta, names: dict[int, str], ttl: float, bt: int, now: float) -> dict:
+    """One block as data (the rows of ``ls``, the head of ``inspect``)."""
+    return {
+        "key": key.hex(), "namespace": ns_label(names, m.namespace_id),
+        "depth": m.depth, "tokens": f"{m.depth * bt}-{(m.depth + 1) * bt - 1}", "parent": m.parent.hex() or None,
+        "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
+        "created": iso(m.created), "last_access": iso(m.last_access),
+        "expires": iso(expires(m, ttl)),
+        "pinned_until": iso(m.pinned_until) if m.pinned_until > now else None,
+    }
+
+
+def descendants(entries: Iterable[tuple[bytes, EntryMeta]], roots: set[bytes]) -> set[bytes]:
+    """Every held block chained below one of ``roots`` (unreachable once its ancestor is gone)."""
+    children: dict[bytes, list[bytes]] = {}
+    for key, m in entries:
+        if m.parent:
+            children.setdefault(m.parent, []).append(key)
+    out, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out - roots
+
+
+def namespace_filter(text: str) -> int:
+    """The id of the namespace named ``text`` (a name, or ``#`` and its 16 hex digits).
+
+    Raises:
+        KVStoreError: ``#`` followed by something other than hex digits.
+    """
+    if text.startswith("#"):
+        try:
+            return int(text[1:], 16)
+        except ValueError:
+            raise KVStoreError(f"--namespace {text}: expected '#' and 16 hex digits") from None
+    return namespace_id(text)
+
+
+def find_key(entries: list[tuple[bytes, EntryMeta]], text: str) -> bytes:
+    """The one key starting with hex ``text``.
+
+    Raises:
+        KVStoreError: not hex, no such key, or more than one.
+    """
+    prefix = text.lower().removeprefix("0x")
+    if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
+        raise KVStoreError(f"{text!r}: expected a key or a key prefix of at least 4 hex digits")
+    found = [k for k, _ in entries if k.hex().startswith(prefix)]
+    if not found:
+        raise KVStoreError(f"no block with key {prefix}… in this store")
+    if len(found) > 1:
+        raise KVStoreError(f"key prefix {prefix} is ambiguous: {len(found)} blocks match; give more digits")
+    return found[0]

@@ -1,0 +1,116 @@
+"""The one place where the commands reach into a store.
+
+Every read a command makes (listing the disk tier's entries, namespace names, usage, lifetime
+counters, one record, whether keys are held) and the one write (purge) goes through
+``StoreView``, so that switching the commands to another way of opening a store (a read-only
+reader) is a change to this module alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from kvstore import KVStore, KVStoreError, StoreConfig
+from kvstore.config import ENV_PREFIX
+from kvstore.eviction import EntryMeta
+
+
+def config(args: argparse.Namespace, path: str | None = None) -> StoreConfig:
+    """The engine's settings for the store at ``path`` (default: --path, KVSTORE_PATH, or the
+    path in the config file).
+
+    Read as the engine reads them: --config (or KVSTORE_CONFIG) and the KVSTORE_* variables that
+    StoreConfig knows; other KVSTORE_* variables belong to other components and are ignored.
+
+    Raises:
+        KVStoreError: no store given, or a bad setting.
+    """
+    known = {ENV_PREFIX + k.upper() for k in StoreConfig.keys()} | {ENV_PREFIX + "CONFIG"}
+    env = {k: v for k, v in os.environ.items() if k in known and v}
+    if args.config:
+        env[ENV_PREFIX + "CONFIG"] = args.config
+    path = path or args.path or env.get(ENV_PREFIX + "PATH")
+    if not path and ENV_PREFIX + "CONFIG" not in env:
+        raise KVStoreError("no store given: pass --path DIR (or --config FILE), or set KVSTORE_PATH")
+    overrides = {"path": path} if path else {}  # else the config file names it
+    # Tools never put: no RAM (or GPU) slab and no write-behind staging memory.
+    return StoreConfig.from_env(env, host_bytes=0, device_bytes=0, write_queue_bytes=0, io_threads=1,
+                                **overrides)
+
+
+def store_given(args: argparse.Namespace) -> bool:
+    """Whether the command line or the environment names a store."""
+    return bool(args.path or args.config or os.environ.get(ENV_PREFIX + "PATH")
+                or os.environ.get(ENV_PREFIX + "CONFIG"))
+
+
+class StoreView:
+    """A store as the commands see it: the disk tier's entries and records, and purge.
+
+    Use as a context manager (``with open_view(args) as view``); the store closes on exit.
+    """
+
+    def __init__(self, store: KVStore):
+        self.store = store  # serve-metrics hands it to the exporter
+        self.path = str(store.config.path)
+        self.block_tokens = store.config.block_tokens
+        self.ttl_s = store.config.disk_ttl_s
+        self.namespace = store.config.namespace  # the configured default namespace
+
+    def __enter__(self) -> StoreView:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+    def entries(self) -> list[tuple[bytes, EntryMeta]]:
+        """Every block the disk tier holds, with its metadata."""
+        return self.store.disk.entries()
+
+    def namespaces(self) -> dict[int, str]:
+        """Namespace id -> name, for every namespace the store has seen."""
+        return self.store.disk.namespaces()
+
+    def usage(self) -> Any:
+        """The disk tier's entries, bytes (stored and raw) and budget."""
+        return self.store.disk.usage()
+
+    def counters(self) -> dict[str, float]:
+        """The persisted lifetime counters (``name|label=value,...`` -> value)."""
+        return self.store.disk.counters()
+
+    def read_record(self, key: bytes) -> tuple[bytes, EntryMeta] | None:
+        """One record and its metadata (one short read transaction), or None if not held."""
+        return self.store.disk.read_record(key)
+
+    def contains_many(self, keys: list[bytes], now: float) -> list[bool]:
+        """Whether each key is held (and not expired at ``now``)."""
+        return self.store.disk.contains_many(keys, now)
+
+    def purge(self, keys: list[bytes] | None = None, all: bool = False) -> int:
+        """Removes ``keys`` (or everything); returns how many blocks went."""
+        return self.store.purge(all=True) if all else self.store.purge(keys=keys)
+
+
+def open_view(args: argparse.Namespace) -> StoreView:
+    """Opens the store named by the arguments without creating one.
+
+    Raises:
+        KVStoreError: no path, not a store, a newer format, or an unusable directory.
+    """
+    cfg = config(args)
+    if not os.path.isfile(os.path.join(cfg.path, "disk", "data.mdb")):
+        raise KVStoreError(f"{cfg.path}: not a kvstore store (no disk/data.mdb inside)")
+    store = KVStore.open(cfg)
+    if store.disk is None:
+        store.close()
+        raise KVStoreError(f"{cfg.path}: the config disables the disk tier (disk_bytes = 0)")
+    return StoreView(store)
+
+
+def namespace_names(args: argparse.Namespace) -> list[str]:
+    """The names of the namespaces the store named by the arguments has seen (opened briefly)."""
+    with open_view(args) as view:
+        return list(view.namespaces().values())
