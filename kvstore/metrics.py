@@ -1,13 +1,17 @@
-"""Counters and histograms of one store process, pulled as snapshots.
+"""Counters and histograms of one store process, declared once and pulled as snapshots.
 
+Every metric is declared in ``DECLARED`` (name, kind, help, unit, label names and their allowed
+values); recording an undeclared name, an undeclared label or a value outside the allowed ones
+raises ValueError, so a typo fails the test that reaches it instead of exporting a stray series.
 The store and its tiers only count; exporters (Prometheus, the dashboard) live in tools/ and
-render ``Metrics.snapshot()``. Names follow Prometheus conventions without the ``kvstore_``
-prefix and ``_total`` suffix, which exporters add.
+render ``Metrics.snapshot()`` with the declarations. Names follow Prometheus conventions without
+the ``kvstore_`` prefix and ``_total`` suffix, which exporters add.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import threading
 from collections import defaultdict
 
@@ -15,6 +19,107 @@ Labels = tuple[tuple[str, str], ...]
 
 # Seconds: from a host-tier copy (sub-ms) to a cold multi-block disk load.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+ANY = None  # a label whose values are open (tier names: a stack can have any tiers)
+EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
+DROP_REASONS = ("queue_full", "capacity", "no_space", "io_error", "error")
+FAULT_STAGES = ("lookup", "load", "store", "flush")
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """One metric: ``labels`` maps each label name to its allowed values (``ANY``: open)."""
+
+    name: str
+    kind: str  # "counter" | "histogram"
+    help: str
+    unit: str  # "tokens", "blocks", "seconds", "" (events)
+    labels: dict[str, tuple[str, ...] | None] = dataclasses.field(default_factory=dict)
+
+    def zero_series(self, tiers: list[str]) -> list[dict[str, str]]:
+        """The label sets exported at 0 before their first event (so rate() works from the
+        start): every allowed combination, with ``tier`` taking the store's tier names."""
+        combos: list[dict[str, str]] = [{}]
+        for label, allowed in self.labels.items():
+            values = tiers if label == "tier" else allowed
+            if values is None:
+                return []
+            combos = [{**c, label: v} for c in combos for v in values]
+        return combos
+
+
+def _declare(*items: Declared) -> dict[str, Declared]:
+    return {d.name: d for d in items}
+
+
+_TIER = {"tier": ANY}
+DECLARED: dict[str, Declared] = _declare(
+    Declared("hit_tokens", "counter", "Prompt tokens served from the cache, by the tier that held them.",
+             "tokens", _TIER),
+    Declared("miss_tokens", "counter", "Prompt tokens not found in any tier (computed by the engine).",
+             "tokens"),
+    Declared("requests", "counter", "Prompts looked up.", ""),
+    Declared("stored_blocks", "counter", "Blocks newly stored, by tier.", "blocks", _TIER),
+    Declared("dropped_writes", "counter",
+             "Blocks a tier could not store (full queue, budget held by pins, full disk, I/O error).",
+             "blocks", {"tier": ANY, "reason": DROP_REASONS}),
+    Declared("evictions", "counter", "Blocks removed from a tier, by reason (capacity, ttl, purge, corrupt).",
+             "blocks", {"tier": ANY, "reason": EVICTION_REASONS}),
+    Declared("corrupt_records", "counter",
+             "Records that failed their checksum; each was a miss and was removed.", "blocks", _TIER),
+    Declared("io_errors", "counter", "I/O errors in a tier, each served as a miss or a dropped write.",
+             "", _TIER),
+    Declared("spilled_blocks", "counter", "Blocks evicted from a tier and moved down to the next.",
+             "blocks", _TIER),
+    Declared("load_failed_blocks", "counter",
+             "Matched blocks that could not be loaded (vanished or corrupt).", "blocks"),
+    Declared("orphan_blocks", "counter",
+             "Blocks not stored because their parent block was no longer held.", "blocks"),
+    Declared("adapter_faults", "counter",
+             "Store faults the engine adapter turned into misses, by stage.", "",
+             {"stage": FAULT_STAGES}),
+    Declared("promoted_blocks", "counter", "Blocks copied up into a faster tier after a hit lower down.",
+             "blocks", _TIER),
+    Declared("prefetched_blocks", "counter", "Blocks a prefetch moved up into the RAM tiers.", "blocks"),
+    Declared("prefetch_errors", "counter",
+             "Prefetches that failed (their blocks stayed where they were).", ""),
+    Declared("vllm_faults", "counter", "Store faults the vLLM connector turned into misses, by stage.",
+             "", {"stage": FAULT_STAGES}),
+    Declared("vllm_loaded_tokens", "counter", "Tokens the vLLM connector loaded into vLLM's KV cache.",
+             "tokens"),
+    Declared("vllm_load_failed_blocks", "counter",
+             "Store blocks whose load failed in the vLLM connector (vLLM recomputes them).", "blocks"),
+    Declared("vllm_stored_blocks", "counter", "Store blocks the vLLM connector saved.", "blocks"),
+    Declared("load_seconds", "histogram", "Seconds to load the hit blocks of one prompt.", "seconds"),
+    Declared("put_seconds", "histogram",
+             "Seconds a put holds the caller (RAM copies and queueing the slow writes).", "seconds"),
+    Declared("store_seconds", "histogram",
+             "Seconds per store: a prompt's new blocks, or one batch written to a slow tier.", "seconds"),
+    Declared("vllm_load_seconds", "histogram", "Seconds the vLLM connector spent loading one request.",
+             "seconds"),
+    Declared("vllm_store_seconds", "histogram", "Seconds the vLLM connector spent saving one step.",
+             "seconds"),
+)
+
+
+def _checked(name: str, kind: str, labels: dict[str, str]) -> Labels:
+    """The series key of ``labels``; raises ValueError for anything ``DECLARED`` does not allow."""
+    d = DECLARED.get(name)
+    if d is None or d.kind != kind:
+        raise ValueError(f"metric {name!r}: not a declared {kind} (kvstore/metrics.py DECLARED)")
+    for label, value in labels.items():
+        if label not in d.labels:
+            raise ValueError(f"metric {name!r}: undeclared label {label!r}; declared: {sorted(d.labels)}")
+        allowed = d.labels[label]
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"metric {name!r}: {label}={value!r} is not one of {allowed}")
+    return tuple(sorted(labels.items()))
+
+
+def parse_flat(series: str) -> tuple[str, dict[str, str]]:
+    """``"name|label=value,..."`` (``Metrics.flat``'s form) -> (name, labels)."""
+    name, _, rest = series.partition("|")
+    return name, dict(p.split("=", 1) for p in rest.split(",") if p)
 
 
 class Metrics:
@@ -27,16 +132,16 @@ class Metrics:
 
     def add(self, name: str, value: float = 1, **labels: str) -> None:
         """Adds ``value`` (>= 0) to counter ``name`` with ``labels``."""
+        key = _checked(name, "counter", labels)
         if not value:
             return
-        key = tuple(sorted(labels.items()))
         with self._lock:
             series = self._counters[name]
             series[key] = series.get(key, 0) + value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Records one observation in histogram ``name`` (buckets: LATENCY_BUCKETS)."""
-        key = tuple(sorted(labels.items()))
+        key = _checked(name, "histogram", labels)
         with self._lock:
             h = self._hists[name].get(key)
             if h is None:

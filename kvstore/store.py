@@ -647,12 +647,13 @@ class KVStore:
         return m.num_blocks
 
     def plan_purge(self, older_than_s: float | None = None, idle_longer_than_s: float | None = None,
-                   namespace: str | None = None, all: bool = False,
+                   namespace: str | int | None = None, all: bool = False,
                    keys: Sequence[bytes] | None = None) -> PurgePlan:
         """What ``purge`` with the same criteria would remove, in every tier; removes nothing.
 
-        Criteria combine with AND; ``all=True`` alone selects everything. Blocks chained below a
-        selected block go too: with their ancestor gone no prompt can reach them.
+        Criteria combine with AND; ``all=True`` alone selects everything; ``namespace`` is a name
+        or a namespace id. Blocks chained below a selected block go too: with their ancestor
+        gone no prompt can reach them.
 
         Raises:
             ValueError: no criterion given, or a negative duration.
@@ -665,7 +666,7 @@ class KVStore:
         for name, v in (("older_than_s", older_than_s), ("idle_longer_than_s", idle_longer_than_s)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
                 raise ValueError(f"{name}: expected seconds >= 0, got {v!r}")
-        ns_id = keyslib.namespace_id(namespace) if namespace is not None else None
+        ns_id = keyslib.namespace_id(namespace) if isinstance(namespace, str) else namespace
         keyset = set(keys) if keys is not None else None
         if not self.readonly:
             self.flush()  # queued writes and pending last-access times decide what matches

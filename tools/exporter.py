@@ -7,8 +7,9 @@ An engine process serves its own store in-process::
     server.close()
 
 ``kvstore serve-metrics`` runs the same server from outside the engine, over a store the tool
-opened itself: there only the disk tier's figures mean anything (counters are per process), so
-it passes ``process_counters=False``.
+opened read-only: it passes ``process_counters=False`` and exports the store's lifetime counters
+(every process's, persisted every few seconds) instead of its own. Names, help texts and label
+values come from kvstore/metrics.py's declarations.
 
 Routes: ``/metrics`` (Prometheus text or OpenMetrics, by the Accept header), ``/`` (the
 dashboard, tools/dashboard.html) and ``/api/history`` (the samples the dashboard draws).
@@ -31,54 +32,35 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.exposition import choose_encoder
 
 from kvstore import KVStore
+from kvstore.metrics import DECLARED, parse_flat
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9477
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
-# Help texts of the counters and histograms the store counts; any other counter is exported too,
-# with a generic help text, so a new counter in kvstore needs no change here.
-HELP = {
-    "hit_tokens": "Prompt tokens served from the cache, by the tier that held them.",
-    "miss_tokens": "Prompt tokens not found in any tier (computed by the engine).",
-    "requests": "Prompts looked up.",
-    "stored_blocks": "Blocks newly stored, by tier.",
-    "dropped_writes": "Blocks the disk tier could not store (full queue, pinned budget, full disk, I/O error).",
-    "evictions": "Blocks removed from a tier, by reason (capacity, ttl, purge, corrupt).",
-    "corrupt_records": "Records that failed their checksum; each was a miss and was removed.",
-    "io_errors": "I/O errors in a tier, each served as a miss or a dropped write.",
-    "spilled_blocks": "Blocks evicted from a tier and moved down into this one.",
-    "load_failed_blocks": "Matched blocks that could not be loaded (vanished or corrupt).",
-    "orphan_blocks": "Blocks not stored because their parent block was no longer held.",
-    "adapter_faults": "Store faults the engine adapter turned into misses, by stage.",
-    "promoted_blocks": "Blocks copied up into a faster tier after a hit lower down.",
-    "prefetched_blocks": "Blocks a prefetch moved up into the RAM tiers.",
-    "prefetch_errors": "Prefetches that failed (their blocks stayed where they were).",
-    "load_seconds": "Seconds to load the hit blocks of one prompt.",
-    "put_seconds": "Seconds a put holds the caller (RAM copies and queueing the disk write).",
-    "store_seconds": "Seconds per store: a prompt's new blocks, or one batch written to disk.",
-}
-# Counters exported at 0 before their first event, so that rate() and the dashboard work from the
-# start. Label values come from the store's tiers.
-_EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
-_DROP_REASONS = ("queue_full", "capacity", "no_space", "io_error")  # only the disk tier drops
 
 
-def _zero_series(store: KVStore) -> dict[str, list[dict[str, str]]]:
+def _counter_series(store: KVStore, process_counters: bool) -> dict[str, dict]:
+    """Counter name -> {labels: value}: this process's counters, or (a tool outside the engine)
+    the store's lifetime counters summed over every process; every declared series of the
+    store's tiers is present, at 0 before its first event, so rate() works from the start."""
+    if process_counters:
+        counters = {n: dict(v) for n, v in store.metrics.snapshot()["counters"].items()}
+    else:
+        counters = {}
+        for flat, value in store.lifetime_counters().items():
+            name, labels = parse_flat(flat)
+            if name in DECLARED:  # a series an older or newer kvstore counted is not ours to name
+                series = counters.setdefault(name, {})
+                key = tuple(sorted(labels.items()))
+                series[key] = series.get(key, 0) + value
     tiers = [t.name for t in store.tiers]
-    return {
-        "hit_tokens": [{"tier": t} for t in tiers],
-        "miss_tokens": [{}],
-        "requests": [{}],
-        "stored_blocks": [{"tier": t} for t in tiers],
-        "dropped_writes": [{"tier": "disk", "reason": r} for r in _DROP_REASONS] if "disk" in tiers else [],
-        "evictions": [{"tier": t, "reason": r} for t in tiers for r in _EVICTION_REASONS],
-        "corrupt_records": [{"tier": "disk"}] if "disk" in tiers else [],
-    }
-
-
-def _label_names(series) -> list[str]:
-    return sorted({k for labels in series for k, _ in labels})
+    for d in DECLARED.values():
+        if d.kind == "counter":
+            series = counters.setdefault(d.name, {})
+            for labels in d.zero_series(tiers):
+                series.setdefault(tuple(sorted(labels.items())), 0)
+    return counters
 
 
 class StoreCollector:
@@ -123,26 +105,18 @@ class StoreCollector:
         if block_bytes:
             yield GaugeMetricFamily("kvstore_block_bytes", "Uncompressed bytes of one block.",
                                     value=block_bytes)
-        if not self.process_counters:
-            return
-        snap = store.metrics.snapshot()
-        counters = {name: dict(series) for name, series in snap["counters"].items()}
-        for name, zeros in _zero_series(store).items():
-            series = counters.setdefault(name, {})
-            for labels in zeros:
-                series.setdefault(tuple(sorted(labels.items())), 0)
-        for name, series in sorted(counters.items()):
-            names = _label_names(series)
-            fam = CounterMetricFamily(f"kvstore_{name}", HELP.get(name, f"kvstore counter {name}."),
-                                      labels=names)
+        for name, series in sorted(_counter_series(store, self.process_counters).items()):
+            names = list(DECLARED[name].labels)
+            fam = CounterMetricFamily(f"kvstore_{name}", DECLARED[name].help, labels=names)
             for labels, value in sorted(series.items()):
                 d = dict(labels)
                 fam.add_metric([d.get(n, "") for n in names], value)
             yield fam
-        for name, series in sorted(snap["histograms"].items()):
-            names = _label_names(series)
-            fam = HistogramMetricFamily(f"kvstore_{name}", HELP.get(name, f"kvstore histogram {name}."),
-                                        labels=names)
+        if not self.process_counters:  # histograms are not persisted: a tool has none to show
+            return
+        for name, series in sorted(store.metrics.snapshot()["histograms"].items()):
+            names = list(DECLARED[name].labels)
+            fam = HistogramMetricFamily(f"kvstore_{name}", DECLARED[name].help, labels=names)
             for labels, h in sorted(series.items()):
                 d, cum, buckets = dict(labels), 0, []
                 for bound, count in zip((*h["buckets"], float("inf")), h["counts"]):

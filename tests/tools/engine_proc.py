@@ -54,7 +54,7 @@ def main(config_file: str) -> None:
             out = {}
         elif op == "disk_held":
             keys = block_keys(cmd["ns"], cmd["ids"], B)
-            out = {"held": store.disk.contains_many(keys, time.time())}
+            out = {"held": store.tier("disk").contains_many(keys, time.time())}
         elif op == "match":
             m = store.match(cmd["ids"], namespace=cmd["ns"])
             out = {"blocks": m.num_blocks, "tiers": list(m.tiers)}

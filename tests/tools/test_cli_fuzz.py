@@ -131,9 +131,9 @@ class World:
                              disk_ttl_s=7 * 86400, write_queue_bytes=0, io_threads=1)
         codec = Codec()
         with KVStore.open(config) as store:
-            assert sorted(k.hex() for k, _ in store.disk.entries()) == self.keys
-            for key, _ in store.disk.entries():
-                codec.decode(store.disk.read_record(key)[0])
+            assert sorted(k.hex() for k, _ in store.tier("disk").entries()) == self.keys
+            for key, _ in store.tier("disk").entries():
+                codec.decode(store.tier("disk").read_record(key)[0])
 
 
 def _stream(errors: str) -> io.TextIOWrapper:

@@ -57,7 +57,7 @@ def test_dashboard_shows_live_figures(browser, open_store, tmp_path):
     assert page["errors"] == []
     assert page["hitRate"] == f"{100 * hit / (hit + m.total('miss_tokens')):.1f}%"
     assert page["requests"] == str(int(m.total("requests")))
-    disk_kib = store.disk.usage().bytes / 1024
+    disk_kib = store.tier("disk").usage().bytes / 1024
     assert page["disk"] == f"{disk_kib:.1f} KiB"
     assert page["noteHidden"] is True
     assert {"all tiers", "from host"} <= set(page["hit"])

@@ -4,7 +4,6 @@ filters, and the blocks chained below others."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
 
 from kvstore import KVStoreError
 from kvstore.eviction import EntryMeta
@@ -35,21 +34,6 @@ def entry_json(key: bytes, m: EntryMeta, names: dict[int, str], ttl: float, bt: 
         "expires": iso(expires(m, ttl)),
         "pinned_until": iso(m.pinned_until) if m.pinned_until > now else None,
     }
-
-
-def descendants(entries: Iterable[tuple[bytes, EntryMeta]], roots: set[bytes]) -> set[bytes]:
-    """Every held block chained below one of ``roots`` (unreachable once its ancestor is gone)."""
-    children: dict[bytes, list[bytes]] = {}
-    for key, m in entries:
-        if m.parent:
-            children.setdefault(m.parent, []).append(key)
-    out, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out - roots
 
 
 def namespace_filter(text: str) -> int:

@@ -10,7 +10,7 @@ from kvstore import KVStoreError
 from kvstore.keys import block_keys
 
 from .. import explain as explainlib
-from .blocks import descendants, namespace_filter, ns_label
+from .blocks import namespace_filter, ns_label
 from .options import duration, prompt_options
 from .prompts import TokenizerChoice, chat_template
 from .reading import namespace_names, open_view
@@ -45,9 +45,8 @@ def run(args: argparse.Namespace) -> Result:
     if args.prefix_of:
         tokenizer = TokenizerChoice(args, lambda: namespace_names(args))
         prompt = explainlib.load_prompt(args.prefix_of, tokenizer, args.format, chat_template(args))
-    with open_view(args) as view:
-        now = time.time()
-        entries, names = view.entries(), view.namespaces()
+    with open_view(args, writable=not args.dry_run) as view:
+        names = view.namespaces()
         bt = args.block_tokens or view.block_tokens
         ns_id = namespace_filter(args.namespace) if args.namespace else None
         prompt_keys: set[bytes] | None = None
@@ -55,28 +54,19 @@ def run(args: argparse.Namespace) -> Result:
             # A prompt's keys depend on the namespace: with none given, take it out of every one.
             spaces = [names.get(ns_id, args.namespace)] if ns_id is not None else list(names.values())
             prompt_keys = {k for ns in spaces for k in block_keys(ns, prompt.ids, bt)[args.from_block:]}
-        chosen = {
-            k for k, m in entries
-            if (ns_id is None or m.namespace_id == ns_id)
-            and (prompt_keys is None or k in prompt_keys)
-            and (args.older_than is None or now - m.created > args.older_than)
-            and (args.idle_longer_than is None or now - m.last_access > args.idle_longer_than)
-        }
-        # Blocks chained below a removed block can never be reached again: they go too.
-        below = descendants(entries, chosen)
-        metas = dict(entries)
-        removed = 0
-        if args.all and not args.dry_run:
-            removed = view.purge(all=True)
-        elif chosen and not args.dry_run:
-            removed = view.purge(keys=sorted(chosen | below))
-    gone = chosen | below if not args.all else set(metas)
+        # One library call selects, with the blocks chained below (never reachable again).
+        plan = view.plan_purge(all=args.all, older_than_s=args.older_than,
+                               idle_longer_than_s=args.idle_longer_than, namespace=ns_id,
+                               keys=prompt_keys)
+        chosen, below, metas = plan.selected, plan.chained_below, plan.meta
+        removed = view.remove(plan.keys) if not args.dry_run else 0
+    gone = plan.keys
     by_ns: dict[str, int] = {}
     for k in gone:
         label = ns_label(names, metas[k].namespace_id)
         by_ns[label] = by_ns.get(label, 0) + 1
     data = {"dry_run": args.dry_run, "matched": len(gone), "removed": 0 if args.dry_run else removed,
-            "selected": len(chosen) if not args.all else len(gone), "chained_below": len(below),
+            "selected": len(chosen), "chained_below": len(below),
             "stored_bytes": sum(metas[k].stored_bytes for k in gone), "namespaces": by_ns}
     if prompt is not None:
         data["prompt"] = {"source": prompt.source, "tokens": len(prompt.ids),

@@ -2,8 +2,8 @@
 
 Every read a command makes (listing the disk tier's entries, namespace names, usage, lifetime
 counters, one record, whether keys are held) and the one write (purge) goes through
-``StoreView``, so that switching the commands to another way of opening a store (a read-only
-reader) is a change to this module alone.
+``StoreView``. A view opens the store read-only (no RAM tiers, no threads, nothing written: it
+works on a read-only mount) unless the command removes blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from kvstore import KVStore, KVStoreError, StoreConfig
+from kvstore.store import PurgePlan
 from kvstore.config import ENV_PREFIX
 from kvstore.eviction import EntryMeta
 
@@ -54,6 +55,7 @@ class StoreView:
 
     def __init__(self, store: KVStore):
         self.store = store  # serve-metrics hands it to the exporter
+        self._disk = store.tier("disk")  # the durable tier: what outlives the engines
         self.path = str(store.config.path)
         self.block_tokens = store.config.block_tokens
         self.ttl_s = store.config.disk_ttl_s
@@ -67,35 +69,44 @@ class StoreView:
 
     def entries(self) -> list[tuple[bytes, EntryMeta]]:
         """Every block the disk tier holds, with its metadata."""
-        return self.store.disk.entries()
+        return self._disk.entries()
 
     def namespaces(self) -> dict[int, str]:
         """Namespace id -> name, for every namespace the store has seen."""
-        return self.store.disk.namespaces()
+        return self.store.namespaces()
 
     def usage(self) -> Any:
         """The disk tier's entries, bytes (stored and raw) and budget."""
-        return self.store.disk.usage()
+        return self._disk.usage()
+
+    def settings(self) -> dict[str, Any]:
+        """The settings stored with the data (block size, budget, TTL, codec, layout)."""
+        return self.store.settings()
 
     def counters(self) -> dict[str, float]:
         """The persisted lifetime counters (``name|label=value,...`` -> value)."""
-        return self.store.disk.counters()
+        return self.store.lifetime_counters()
 
     def read_record(self, key: bytes) -> tuple[bytes, EntryMeta] | None:
         """One record and its metadata (one short read transaction), or None if not held."""
-        return self.store.disk.read_record(key)
+        return self._disk.read_record(key)
 
     def contains_many(self, keys: list[bytes], now: float) -> list[bool]:
         """Whether each key is held (and not expired at ``now``)."""
-        return self.store.disk.contains_many(keys, now)
+        return self._disk.contains_many(keys, now)
 
-    def purge(self, keys: list[bytes] | None = None, all: bool = False) -> int:
-        """Removes ``keys`` (or everything); returns how many blocks went."""
-        return self.store.purge(all=True) if all else self.store.purge(keys=keys)
+    def plan_purge(self, **criteria: Any) -> PurgePlan:
+        """What a purge with ``criteria`` (``KVStore.plan_purge``'s) removes, cascade included."""
+        return self.store.plan_purge(**criteria)
+
+    def remove(self, keys: frozenset[bytes]) -> int:
+        """Removes exactly ``keys`` (a plan's); returns how many blocks went."""
+        return self.store.remove(keys)
 
 
-def open_view(args: argparse.Namespace) -> StoreView:
-    """Opens the store named by the arguments without creating one.
+def open_view(args: argparse.Namespace, writable: bool = False) -> StoreView:
+    """Opens the store named by the arguments without creating one; read-only unless
+    ``writable`` (a command that removes blocks).
 
     Raises:
         KVStoreError: no path, not a store, a newer format, or an unusable directory.
@@ -103,8 +114,8 @@ def open_view(args: argparse.Namespace) -> StoreView:
     cfg = config(args)
     if not os.path.isfile(os.path.join(cfg.path, "disk", "data.mdb")):
         raise KVStoreError(f"{cfg.path}: not a kvstore store (no disk/data.mdb inside)")
-    store = KVStore.open(cfg)
-    if store.disk is None:
+    store = KVStore.open(cfg, readonly=not writable)
+    if store.tier("disk") is None:
         store.close()
         raise KVStoreError(f"{cfg.path}: the config disables the disk tier (disk_bytes = 0)")
     return StoreView(store)

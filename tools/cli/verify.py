@@ -10,7 +10,6 @@ import time
 from kvstore.codec import Codec
 from kvstore.errors import CorruptEntryError
 
-from .blocks import descendants
 from .progress import Progress
 from .reading import open_view
 from .render import Result
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> Result:
     """Exit code 3 when corrupt records were found and not removed."""
     bad: dict[bytes, str] = {}
     codec = Codec()
-    with open_view(args) as view:
+    with open_view(args, writable=args.repair) as view:
         entries = view.entries()
         progress = Progress("verify", len(entries),
                             sys.stderr.isatty() if args.progress is None else args.progress)
@@ -62,8 +61,9 @@ def run(args: argparse.Namespace) -> Result:
                         codec.decode(found[0])
                 except CorruptEntryError:
                     still.add(key)
-            below = descendants(view.entries(), still)
-            view.purge(keys=sorted(still | below))
+            plan = view.plan_purge(keys=still)  # and what is chained below them
+            below = set(plan.chained_below)
+            view.remove(plan.keys)
             repaired = sorted(still)
     data = {"checked": len(entries), "ok": ok, "corrupt": len(bad), "vanished": vanished,
             "seconds": round(seconds, 3),
