@@ -32,6 +32,7 @@ import fcntl
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -176,6 +177,28 @@ class DiskTier:
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self._open()
+        self._fork_hooks()
+
+    def _fork_hooks(self) -> None:
+        """A fork waits for the write transaction in progress (the tier's lock), so none comes
+        along to the child: closing an environment with another thread's write transaction
+        open blocks forever. The child starts with fresh locks and reopens the environment on
+        first use (``_check_pid``)."""
+        tier = weakref.ref(self)
+
+        def call(name: str) -> None:
+            t = tier()
+            if t is not None:
+                getattr(t, name)()
+        os.register_at_fork(before=lambda: call("_before_fork"),
+                            after_in_parent=lambda: call("_after_fork_in_parent"),
+                            after_in_child=lambda: call("_fresh_locks"))
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
 
     # -- environment -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -229,10 +252,16 @@ class DiskTier:
         (self._records, self._meta, self._lru, self._info, self._names, self._purges,
          self._counters) = (dbs[name] for name in _DBS)
 
+    def _fresh_locks(self) -> None:
+        """In a forked child: locks of the parent's threads did not come along."""
+        self._lock = threading.RLock()
+        self._gate = _RemapGate()
+
     def _check_pid(self) -> None:
         # LMDB environments must not cross fork(): a child reopens its own. Closing the
-        # inherited handle first is safe: LMDB clears only reader slots of the calling pid,
-        # and the parent's file locks are not the child's to release.
+        # inherited handle first is safe: no write transaction came along (see ``_fork_hooks``),
+        # LMDB clears only reader slots of the calling pid, and the parent's file locks are not
+        # the child's to release.
         if self._pid != os.getpid():
             self._pending.clear()
             self._gate = _RemapGate()
