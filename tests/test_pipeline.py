@@ -226,15 +226,44 @@ time.sleep(600)
 """
 
 
+_KEEPER = """
+import sys
+from kvstore import KVStore, StoreConfig
+s = KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0))
+print("open", flush=True)
+for line in sys.stdin:  # each line: print the reader table's pids
+    print(" ".join(l.split()[0] for l in s.disk._env.readers().splitlines()[1:]), flush=True)
+"""
+
+
+def reader_pids(text: str) -> list[str]:
+    return [line.split()[0] for line in text.splitlines()[1:]]
+
+
 def test_stale_reader_slots_of_a_killed_process_are_cleared(open_store, tmp_path):
+    # LMDB resets its reader table by itself when no process has the environment open, so a
+    # keeper process holds it open throughout: only reader_check() can clear the dead slot.
     open_store().close()
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "store")],
-                         stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "holding"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait(30)
-    s = open_store()
-    assert str(p.pid) not in s.disk._env.readers()
+    path = str(tmp_path / "store")
+    keeper = subprocess.Popen([sys.executable, "-c", _KEEPER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert keeper.stdout.readline().strip() == "open"
+        p = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "holding"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        keeper.stdin.write("readers\n")
+        keeper.stdin.flush()
+        assert str(p.pid) in keeper.stdout.readline().split()  # the dead process's slot is there
+        s = open_store()
+        assert str(p.pid) not in reader_pids(s.disk._env.readers())
+        keeper.stdin.write("readers\n")
+        keeper.stdin.flush()
+        assert str(p.pid) not in keeper.stdout.readline().split()
+    finally:
+        keeper.kill()
+        keeper.wait(30)
 
 
 @pytest.mark.gpu
