@@ -99,7 +99,7 @@ MUTATIONS = (
           "                if not self._free or self._stop:\n",
           "                self._cond.wait_for(lambda: self._free or self._stop)\n"
           "                if self._stop:\n"),),
-        ("tests/test_pipeline.py",), keyword="full_write_queue", timeout_s=120),
+        ("tests/test_pipeline.py",), keyword="full_write_queue", timeout_s=40),
     Mutation(
         "purge_skips_other_ram",
         "a purge in one process reaches the RAM tiers of the others",

@@ -58,6 +58,7 @@ def doc_messages(question):
 
 
 @pytest.mark.engine
+@pytest.mark.heavy
 def test_long_document_two_questions_exact(smollm2, store):
     model, tok = smollm2
     hits = check_exact(CachedLM(model, tok, store), CachedLM(model, tok, None),

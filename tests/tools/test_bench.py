@@ -8,6 +8,7 @@ import pytest
 
 
 @pytest.mark.engine
+@pytest.mark.heavy
 def test_tiers_benchmark_quick_run_reports_every_figure(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tools.bench", "tiers", "--quick", "--json",
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
