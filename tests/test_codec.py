@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from kvstore.codec import MAGIC, Codec
 from kvstore.errors import CorruptEntryError
 
+from .conftest import examples
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int8, torch.uint8]
 CODECS = [Codec("zstd", 1, True), Codec("zstd", 3, False), Codec("none", 1, True)]
@@ -106,14 +108,14 @@ def test_unsupported_dtype_is_a_value_error():
         Codec().encode(torch.zeros(3, dtype=torch.complex64))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_corrupt_entry_error(data):
     with pytest.raises(CorruptEntryError):
         Codec().decode(data)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.integers(0, 10**9), st.data())
 def test_any_single_byte_flip_is_detected(seed, data):
     codec = Codec()

@@ -1,11 +1,13 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvstore.config import StoreConfig, parse_duration, parse_size
 from kvstore.errors import ConfigError
+
+from .conftest import examples
 
 
 def test_defaults_and_normalisation(tmp_path):
@@ -77,13 +79,20 @@ def test_from_env_with_file_and_overrides(tmp_path):
         StoreConfig.from_env({})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.dictionaries(st.sampled_from(StoreConfig.keys() + ("bogus",)),
                        st.one_of(st.text(max_size=12), st.integers(-5, 1 << 40), st.floats(),
                                  st.booleans(), st.none(), st.lists(st.integers(-2, 70), max_size=6))))
+@example({"bogus": 1})
+@example({"host_bytes": 4096, "bogus": None})
 def test_random_config_values_only_raise_config_error(tmp_path_factory, values):
     values = {"path": "/tmp/kvstore-fuzz", **values} if "path" not in values else values
     try:
-        StoreConfig.from_mapping(values)
-    except ConfigError:
-        pass
+        c = StoreConfig.from_mapping(values)
+    except ConfigError as e:
+        assert any(k in str(e) for k in values), (values, str(e))  # the error names the key
+        return
+    assert "bogus" not in values  # an unknown key never passes
+    for k, v in values.items():  # no silent fallback to a default: a whole number given is kept
+        if isinstance(v, int) and not isinstance(v, bool) and isinstance(getattr(c, k), int):
+            assert getattr(c, k) == v, (k, v, getattr(c, k))

@@ -168,27 +168,52 @@ def _child_uses_inherited_store(store, toks, q):
     try:
         m = store.match(toks)
         got = store.get(m)
+        with store.tier("disk").env.reading():  # a read transaction of the child's own environment
+            readers = store.tier("disk").env.readers()
+        q.put(("read", m.num_blocks, same(got, blocks_for(3)), f" {os.getpid()} " in readers))
         store.put(toks + list(range(900, 900 + B)), [make_block(77)], start_block=3)
-        store.flush()
-        q.put((m.num_blocks, len(got)))
-    except Exception as e:  # reported to the parent
-        q.put(repr(e))
+        assert store.flush(60)
+        m = store.match(toks + list(range(900, 900 + B)))
+        q.put(("wrote", m.num_blocks, same(store.get(m)[3:], [make_block(77)])))
+    except BaseException as e:  # reported to the parent
+        q.put(("error", repr(e)))
 
 
 def test_a_forked_child_reopens_lmdb_and_restarts_threads(open_store):
+    # Fork while the parent's write-behind thread is inside an LMDB write transaction: the fork
+    # waits for that transaction (none may come along: the child could not close it), then the
+    # child reads and writes through its own environment (its reader slots carry its pid, not
+    # the parent's) and its own threads.
     s = open_store(host_bytes=0)
     toks = list(range(3 * B))
     s.put(toks, blocks_for(3))
     s.flush()
+    inside, release = threading.Event(), threading.Event()
+    put_txn = s.tier("disk")._put_txn
+
+    def slow_put_txn(*a, **kw):
+        out = put_txn(*a, **kw)
+        inside.set()
+        assert release.wait(120)
+        return out
+    s.tier("disk")._put_txn = slow_put_txn
+    s.put(list(range(500, 500 + B)), [make_block(50)])
+    assert inside.wait(60)  # the writer is mid-transaction, holding the tier's lock
+    threading.Timer(0.5, release.set).start()
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_child_uses_inherited_store, args=(s, toks, q))
     p.start()
-    assert q.get(timeout=120) == (3, 3)
+    assert release.is_set()  # the fork waited for the transaction
+    assert q.get(timeout=60) == ("read", 3, True, True)
+    assert q.get(timeout=60) == ("wrote", 4, True)
     p.join(60)
     assert p.exitcode == 0
+    s.tier("disk")._put_txn = put_txn
+    assert s.flush(60)
     assert s.match(toks + list(range(900, 900 + B))).num_blocks == 4  # the child's write
     assert same(s.get(s.match(toks)), blocks_for(3))  # and the parent still works
+    assert s.match(list(range(500, 500 + B))).num_blocks == 1
 
 
 _HOLDER = """
@@ -201,15 +226,44 @@ time.sleep(600)
 """
 
 
+_KEEPER = """
+import sys
+from kvstore import KVStore, StoreConfig
+s = KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0))
+print("open", flush=True)
+for line in sys.stdin:  # each line: print the reader table's pids
+    print(" ".join(l.split()[0] for l in s.tier("disk").env.readers().splitlines()[1:]), flush=True)
+"""
+
+
+def reader_pids(text: str) -> list[str]:
+    return [line.split()[0] for line in text.splitlines()[1:]]
+
+
 def test_stale_reader_slots_of_a_killed_process_are_cleared(open_store, tmp_path):
+    # LMDB resets its reader table by itself when no process has the environment open, so a
+    # keeper process holds it open throughout: only reader_check() can clear the dead slot.
     open_store().close()
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "store")],
-                         stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "holding"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait(30)
-    s = open_store()
-    assert str(p.pid) not in s.tier("disk").env.readers()
+    path = str(tmp_path / "store")
+    keeper = subprocess.Popen([sys.executable, "-c", _KEEPER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert keeper.stdout.readline().strip() == "open"
+        p = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "holding"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        keeper.stdin.write("readers\n")
+        keeper.stdin.flush()
+        assert str(p.pid) in keeper.stdout.readline().split()  # the dead process's slot is there
+        s = open_store()
+        assert str(p.pid) not in reader_pids(s.tier("disk").env.readers())
+        keeper.stdin.write("readers\n")
+        keeper.stdin.flush()
+        assert str(p.pid) not in keeper.stdout.readline().split()
+    finally:
+        keeper.kill()
+        keeper.wait(30)
 
 
 @pytest.mark.gpu

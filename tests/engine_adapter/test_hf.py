@@ -58,6 +58,7 @@ def doc_messages(question):
 
 
 @pytest.mark.engine
+@pytest.mark.heavy
 def test_long_document_two_questions_exact(smollm2, store):
     model, tok = smollm2
     hits = check_exact(CachedLM(model, tok, store), CachedLM(model, tok, None),
@@ -66,6 +67,7 @@ def test_long_document_two_questions_exact(smollm2, store):
 
 
 @pytest.mark.engine
+@pytest.mark.heavy  # 13 s alone, 330 s on a loaded 2-core machine: make test-all
 def test_multi_turn_chat_hits_its_own_answers_exact(smollm2, store):
     model, tok = smollm2
     cached, plain = CachedLM(model, tok, store), CachedLM(model, tok, None)

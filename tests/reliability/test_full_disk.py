@@ -64,6 +64,7 @@ def drops(s: KVStore) -> float:
     return s.stats()["dropped_writes"].get("reason=no_space,tier=disk", 0)
 
 
+@pytest.mark.heavy
 def test_a_full_disk_drops_writes_keeps_serving_and_recovers(small_fs):
     filler = small_fs / "filler"
     fill(filler, FILLER_MIB)  # someone else's file, deleted later to free space

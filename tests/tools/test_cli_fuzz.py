@@ -35,7 +35,7 @@ from kvstore.codec import Codec
 from kvstore.keys import block_keys
 from tools import cli
 
-from ..conftest import BLOCK_TOKENS as B, make_block
+from ..conftest import BLOCK_TOKENS as B, examples, make_block
 
 # -- the parser, as the fuzz sees it ----------------------------------------------------------
 PARSER = cli.build_parser()
@@ -301,7 +301,9 @@ def run_parse_only(args: argparse.Namespace | None) -> bool:
                                  or args.command == "purge" and not args.dry_run)
 
 
-@settings(max_examples=1000, deadline=None, derandomize=True,
+# New inputs every run (no derandomize); hypothesis' database (.hypothesis/, git-ignored) replays
+# the failures it found, and print_blob prints how to reproduce one anywhere.
+@settings(max_examples=examples(1000), deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_arguments_get_only_documented_outcomes(world, data):

@@ -1,9 +1,11 @@
 """The built-in dashboard, rendered by headless Chromium against a live exporter.
 
 Chromium and chromedriver are installed with apt-get when missing (tools.browser); the test is
-skipped, with the reason, only when that is impossible (no apt-get, no root, no network).
+skipped, with the reason, only when that is impossible (no apt-get, no root, no network), and
+never in CI (``CI=true``): there a missing browser fails the test.
 """
 
+import os
 import struct
 import time
 
@@ -24,6 +26,8 @@ def browser():
         with Chromium(width=1280, height=1500) as b:
             yield b
     except BrowserUnavailable as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"headless Chromium unavailable in CI: {e}")
         pytest.skip(f"headless Chromium unavailable: {e}")
 
 

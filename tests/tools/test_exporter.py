@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -78,13 +79,22 @@ def test_openmetrics_history_and_unknown_routes(busy_store):
         _, page = scrape(server.url)
         assert "<title>kvstore</title>" in page
         traffic(busy_store, 2, first=100)
-        import time
-        time.sleep(0.3)
-        _, body = scrape(server.url + "api/history")
-        h = json.loads(body)
-        assert len(h["samples"]) >= 3 and h["info"]["path"] == str(busy_store.config.path)
-        col = h["series"].index("kvstore_requests_total")
-        assert h["samples"][-1][col + 1] == busy_store.metrics.total("requests")
+        total = busy_store.metrics.total("requests")
+
+        def history():
+            h = json.loads(scrape(server.url + "api/history")[1])
+            col = h["series"].index("kvstore_requests_total")
+            return h, col
+        # Wait for the sampler to take samples after the traffic (no fixed sleep: a loaded
+        # machine may sample late); the deadline only stops a broken sampler.
+        deadline = time.monotonic() + 60
+        while True:
+            h, col = history()
+            if len(h["samples"]) >= 3 and h["samples"][-1][col + 1] == total:
+                break
+            assert time.monotonic() < deadline, h["samples"][-3:]
+            time.sleep(0.05)
+        assert h["info"]["path"] == str(busy_store.config.path)
         last = h["samples"][-1][0]
         assert json.loads(scrape(server.url + f"api/history?since={last}")[1])["samples"] == []
         with pytest.raises(urllib.error.HTTPError) as e:

@@ -27,6 +27,7 @@ import fcntl
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,6 +128,27 @@ class LMDBEnv:
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self._open()
+        self._fork_hooks()
+
+    def _fork_hooks(self) -> None:
+        """A fork waits for the write transaction in progress (``lock``), so none comes along to
+        the child: closing an environment with another thread's write transaction open blocks
+        forever. The child starts with fresh locks and reopens the environment on first use
+        (``check_pid``)."""
+        ref = weakref.ref(self)
+
+        def call(fn) -> None:
+            env = ref()
+            if env is not None:
+                fn(env)
+        os.register_at_fork(before=lambda: call(lambda e: e.lock.acquire()),
+                            after_in_parent=lambda: call(lambda e: e.lock.release()),
+                            after_in_child=lambda: call(LMDBEnv._fresh_locks))
+
+    def _fresh_locks(self) -> None:
+        """In a forked child: locks held by the parent's threads did not come along."""
+        self.lock = threading.RLock()
+        self._gate = _RemapGate()
 
     def on_reopen(self, fn: Callable[[], None]) -> None:
         """Registers ``fn``, called (under ``lock``) when a forked child reopens the environment."""
@@ -198,8 +220,9 @@ class LMDBEnv:
         """In a forked child: reopens the environment (call under ``lock``).
 
         LMDB environments must not cross fork(): a child reopens its own. Closing the inherited
-        handle first is safe: LMDB clears only reader slots of the calling pid, and the parent's
-        file locks are not the child's to release."""
+        handle first is safe: no write transaction came along (``_fork_hooks``), LMDB clears only
+        reader slots of the calling pid, and the parent's file locks are not the child's to
+        release."""
         if self._pid != os.getpid():
             self._env.close()
             self._open()

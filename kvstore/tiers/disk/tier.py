@@ -68,7 +68,10 @@ class DiskTier:
         self.removals = RemovalLog(self.env)
         self._pending: dict[bytes, float] = {}  # key -> last access not yet written
         self.env.on_reopen(self._pending.clear)
-        self._lock = self.env.lock  # writers, pending touches, reopen; never held by readers
+
+    # Writers, pending touches, reopen; never held by readers. The environment's (a forked child
+    # gets a fresh one).
+    _lock = property(lambda self: self.env.lock)
 
     def _set_budget(self, capacity_bytes: int, ttl_s: float) -> None:
         self.capacity_bytes, self.ttl_s = capacity_bytes, ttl_s

@@ -1,0 +1,274 @@
+"""A mutation check of the reliability claims: each test that proves a claim must fail when the
+mechanism behind the claim is removed.
+
+Each mutation below is a small, named breakage of one mechanism: exact text replaced in one or
+more source files. For each, the tool copies the source tree to a temporary directory (never
+touching the working tree), applies the mutation there, checks that the copy is what Python
+imports, and runs only the tests that guard it. A mutation is *killed* when a guard fails (or
+runs past its time limit); it *survives* when they all pass.
+
+    python -m tools.mutants              # every mutation, a table, exit 1 if any survived
+    python -m tools.mutants --only NAME  # one (repeatable)
+    python -m tools.mutants --json       # the results as JSON
+    python -m tools.mutants --list       # names and what each breaks
+
+Exit status 1 also when a mutation's target text is not found exactly once (a refactor moved
+the code: retarget the mutation, never let it pass silently), when a guard fails on the
+unmutated tree (a kill would prove nothing), or when the Python a mutation needs is missing
+(the vLLM mutations run in .venv-vllm: ``make test-vllm`` builds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("kvstore", "engine_adapter", "tools")
+COPIED = (*PACKAGES, "tests", "pyproject.toml")
+PYTHONS = {"default": None, "vllm": ".venv-vllm/bin/python"}  # None: the one running this tool
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    claim: str
+    edits: tuple[tuple[str, str, str], ...]  # (file, exact text, replacement)
+    guards: tuple[str, ...]  # pytest node ids or paths, run with -x
+    keyword: str = ""  # pytest -k, narrowing the guards
+    python: str = "default"
+    timeout_s: int = 240
+
+
+MUTATIONS = (
+    Mutation(
+        "no_reopen_after_fork",
+        "a store used across fork() reopens LMDB in the child",
+        (("kvstore/tiers/disk/env.py",
+          "        if self._pid != os.getpid():\n            self._env.close()",
+          "        if False:\n            self._env.close()"),),
+        ("tests/test_pipeline.py",), keyword="forked"),
+    Mutation(
+        "no_reader_check",
+        "reader slots of killed processes are cleared at open",
+        (("kvstore/tiers/disk/env.py", "                env.reader_check()\n", "                pass\n"),),
+        ("tests/test_pipeline.py",), keyword="stale_reader"),
+    Mutation(
+        "checksum_skipped",
+        "a corrupt record is detected (checksums verified on every decode)",
+        (("kvstore/codec.py", 'if xxhash.xxh3_64_digest(payload) != h["pxh"]:', "if False:"),
+         ("kvstore/codec.py", 'if xxhash.xxh3_64_digest(dst) != h["xxh"]:', "if False:")),
+        ("tests/test_codec.py",), keyword="damaged or single_byte_flip"),
+    Mutation(
+        "eviction_parent_before_child",
+        "a parent block is never evicted before its children",
+        (("kvstore/eviction.py", "_RANK.pack(int(last_access * 1_000_000), _MAX_DEPTH - depth)",
+          "_RANK.pack(int(last_access * 1_000_000), depth)"),
+         ("kvstore/eviction.py", "for key in reversed(list(keys)):", "for key in list(keys):")),
+        ("tests/test_eviction.py",)),
+    Mutation(
+        "idle_ttl_ignored",
+        "expired entries are never served (idle TTL)",
+        (("kvstore/eviction.py", "return pinned_until > now or now - last_access <= ttl_s",
+          "return True"),),
+        ("tests/test_store.py",), keyword="idle_ttl"),
+    Mutation(
+        "tenant_salt_dropped",
+        "two tenants with different salts never share a block",
+        (("kvstore/keys.py", "    if tenant_salt:\n", "    if False:\n"),),
+        ("tests/test_keys.py",), keyword="tenant"),
+    Mutation(
+        "fallocate_skipped",
+        "a full disk drops writes (no SIGBUS): the file is allocated before the map grows",
+        (("kvstore/tiers/disk/env.py", "        os.posix_fallocate(fd, 0, nbytes)\n",
+          "        pass\n"),),
+        ("tests/reliability/test_full_disk.py",), keyword="drops_writes"),
+    Mutation(
+        "write_queue_never_drops",
+        "put never waits for disk: a full write queue drops and counts the block",
+        (("kvstore/writeback.py",
+          "                if not self._free or self._stop:\n",
+          "                self._cond.wait_for(lambda: self._free or self._stop)\n"
+          "                if self._stop:\n"),),
+        ("tests/test_pipeline.py",), keyword="full_write_queue", timeout_s=40),
+    Mutation(
+        "purge_skips_other_ram",
+        "a purge in one process reaches the RAM tiers of the others",
+        (("kvstore/store.py", "        if epoch == self._removals_seen:\n", "        if True:\n"),),
+        ("tests/test_pipeline.py",), keyword="purge_from_another_process"),
+    Mutation(
+        "config_unknown_key_ignored",
+        "unknown config keys raise ConfigError naming the key (no silent fallback)",
+        (("kvstore/config.py", "        if unknown:\n            raise ConfigError(",
+          "        if False:\n            raise ConfigError("),
+         ("kvstore/config.py", "        return cls(**values)\n",
+          "        return cls(**{k: v for k, v in values.items() if k in cls.keys()})\n")),
+        ("tests/test_config.py",), keyword="random_config"),
+    Mutation(
+        "connector_load_errors_not_reported",
+        "vLLM recomputes blocks the connector could not load (never wrong KV)",
+        (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",
+          "            pass\n"),),
+        ("tests/vllm/test_connector.py",), keyword="damaged", python="vllm", timeout_s=600),
+)
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    status: str  # killed | SURVIVED | FAIL
+    by: str  # the failing test, or why the check could not be made
+    seconds: float
+
+
+def _python(m: Mutation) -> str | None:
+    rel = PYTHONS[m.python]
+    if rel is None:
+        return sys.executable
+    exe = ROOT / rel
+    return str(exe) if exe.exists() else None
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dst / name)
+
+
+def apply(m: Mutation, tree: Path) -> str | None:
+    """Applies ``m`` under ``tree``; the reason it cannot be applied, or None."""
+    for rel, old, new in m.edits:
+        path = tree / rel
+        text = path.read_text()
+        n = text.count(old)
+        if n != 1:
+            return f"target text found {n} times in {rel}: {old.strip()[:60]!r}"
+        path.write_text(text.replace(old, new))
+    return None
+
+
+def _env(tree: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(tree), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def imported_from(python: str, tree: Path) -> str | None:
+    """None if ``python`` run in ``tree`` imports every package from ``tree``; else what it got."""
+    code = "import json, importlib; print(json.dumps({p: importlib.import_module(p).__file__ for p in %r}))" % (PACKAGES,)
+    out = subprocess.run([python, "-c", code], cwd=tree, env=_env(tree), capture_output=True,
+                         text=True, timeout=120)
+    if out.returncode != 0:
+        return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "import failed"
+    wrong = {p: f for p, f in json.loads(out.stdout).items()
+             if not Path(f).resolve().is_relative_to(tree.resolve())}
+    return None if not wrong else f"imported from outside the copy: {wrong}"
+
+
+def run_guards(m: Mutation, python: str, tree: Path, timeout_s: int) -> tuple[bool, str]:
+    """(passed, the first failing test or a note)."""
+    argv = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
+            "-rf", *m.guards]
+    if m.keyword:
+        argv += ["-k", m.keyword]
+    try:
+        out = subprocess.run(argv, cwd=tree, env=_env(tree), capture_output=True, text=True,
+                             timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, f"timeout after {timeout_s} s ({' '.join(m.guards)} -k {m.keyword!r})"
+    text = out.stdout + out.stderr
+    if out.returncode == 5:  # nothing collected or everything deselected
+        return True, "NO TESTS SELECTED"
+    if out.returncode == 0:
+        return True, ""
+    if out.returncode < 0:  # the mutation crashed the test process (SIGBUS on a full disk)
+        return False, f"{signal.Signals(-out.returncode).name} in {' '.join(m.guards)} -k {m.keyword!r}"
+    failed = [line.split()[1] for line in text.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return False, failed[0] if failed else f"pytest exit {out.returncode}: {text.strip()[-300:]}"
+
+
+def check(m: Mutation, baseline: bool) -> Result:
+    t0 = time.monotonic()
+    python = _python(m)
+    if python is None:
+        return Result(m.name, "FAIL", f"{PYTHONS[m.python]} missing (make test-vllm builds it)", 0.0)
+    with tempfile.TemporaryDirectory(prefix=f"kvstore-mutant-{m.name}-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        if baseline:
+            wrong = imported_from(python, tree)
+            if wrong:
+                return Result(m.name, "FAIL", wrong, time.monotonic() - t0)
+            ok, why = run_guards(m, python, tree, m.timeout_s)
+            if not ok or why:
+                return Result(m.name, "FAIL", f"guards fail unmutated: {why}", time.monotonic() - t0)
+        why = apply(m, tree)
+        if why:
+            return Result(m.name, "FAIL", why, time.monotonic() - t0)
+        wrong = imported_from(python, tree)
+        if wrong:
+            return Result(m.name, "FAIL", wrong, time.monotonic() - t0)
+        survived, by = run_guards(m, python, tree, m.timeout_s)
+    if by == "NO TESTS SELECTED":
+        return Result(m.name, "FAIL", "no guard test selected", time.monotonic() - t0)
+    return Result(m.name, "SURVIVED" if survived else "killed", by, time.monotonic() - t0)
+
+
+def render(results: list[Result]) -> str:
+    w = max(len(r.name) for r in results)
+    lines = [f"{'mutation':<{w}}  {'result':<8}  {'seconds':>7}  killed by / why"]
+    for r in results:
+        lines.append(f"{r.name:<{w}}  {r.status:<8}  {r.seconds:7.1f}  {r.by}")
+    bad = [r for r in results if r.status != "killed"]
+    lines.append(f"{len(results) - len(bad)} of {len(results)} killed"
+                 + (f"; not killed: {', '.join(r.name for r in bad)}" if bad else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.mutants", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", metavar="NAME", help="run this mutation (repeatable)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running the guards on the unmutated copy first")
+    args = ap.parse_args(argv)
+    by_name = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name}: {m.claim} [{' '.join(m.guards)} -k {m.keyword!r}, python {m.python}]")
+        return 0
+    unknown = [n for n in args.only or () if n not in by_name]
+    if unknown:
+        ap.error(f"unknown mutation(s) {', '.join(unknown)}; see --list")
+    chosen = [by_name[n] for n in args.only] if args.only else list(MUTATIONS)
+    results = []
+    for m in chosen:
+        results.append(check(m, baseline=not args.no_baseline))
+        if not args.json:
+            r = results[-1]
+            print(f"{r.name}: {r.status} {r.by} ({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    else:
+        print(render(results))
+    return 0 if all(r.status == "killed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
