@@ -205,3 +205,14 @@ def test_library_code_builds_no_test_models():
             names = {a.name for n in ast.walk(ast.parse(f.read_text()))
                      if isinstance(n, ast.ImportFrom) for a in n.names}
             assert not names & builders, f"{f.relative_to(ROOT)} imports {names & builders}"
+
+
+def test_the_store_names_no_concrete_tier():
+    """store.py loops over Tier objects: it imports only the tier protocol, and no tier name."""
+    src = (ROOT / "kvstore" / "store.py").read_text()
+    tree = ast.parse(src)
+    tier_imports = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and n.module and n.module.startswith("tiers")]
+    assert tier_imports == ["tiers.base"]
+    names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not names & {"disk", "host", "device"}, "store.py names a tier"

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> Result:
         entries, names, u = view.entries(), view.namespaces(), view.usage()
         ttl, bt, path = view.ttl_s, view.block_tokens, view.path
         lifetime = lifetime_counters(view.counters())
+        stored = view.settings()
     per_ns: dict[str, dict[str, int]] = {}
     for _, m in entries:
         ns = per_ns.setdefault(ns_label(names, m.namespace_id),
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> Result:
     return Result({
         "path": path,
         "block_tokens": bt,
+        "settings": stored,  # as stored with the data: what every process runs with
         "tiers": {"disk": {
             "entries": u.entries, "bytes": u.bytes, "raw_bytes": u.raw_bytes, "budget": u.budget,
             "used": u.bytes / u.budget if u.budget else None,

@@ -49,6 +49,7 @@ _MIN_STEP = 1 << 20  # the smallest growth asked of a nearly full disk
 # which processes that mapped the smaller one would not see).
 _LOCK_BYTES = 32896
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_META_PAGES = 2 * 4096  # the smallest LMDB data file: its two meta pages
 
 
 def _allocate(path: Path, nbytes: int) -> None:
@@ -158,8 +159,10 @@ class LMDBEnv:
     def _open(self) -> None:
         data = self.path / "data.mdb"
         self._gate = _RemapGate()
-        if self.readonly and not data.exists():
-            raise StoreOpenError(f"{self.path}: cannot open the disk tier: no data.mdb here")
+        if self.readonly and (not data.exists() or data.stat().st_size < _META_PAGES):
+            # Refused before LMDB sees it: opening would create a lock file beside it.
+            raise StoreOpenError(f"{self.path}: cannot open the disk tier: no LMDB data file "
+                                 f"here ({'missing' if not data.exists() else 'too short'})")
         with self._resizing():
             size = data.stat().st_size if data.exists() else 0
             if not self.readonly:
