@@ -49,6 +49,8 @@ def test_a_block_evicted_from_disk_spills_to_the_tier_below_without_reencoding(t
             m = store.match(p)
             assert m.num_blocks == 1
             assert torch.equal(store.get(m)[0], b)
+        assert store.flush(30)  # the loop's promotions have landed; then one more, later
+        clock.advance(1)
         store.get(store.match(prompts[0]))
         assert store.flush(30)
         assert store.match(prompts[0]).tiers == ("disk",)  # a hit below is promoted back up

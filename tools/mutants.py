@@ -114,6 +114,24 @@ MUTATIONS = (
           "        return cls(**{k: v for k, v in values.items() if k in cls.keys()})\n")),
         ("tests/test_config.py",), keyword="random_config"),
     Mutation(
+        "settings_mismatch_accepted",
+        "a store created with one block size or layout refuses another",
+        (("kvstore/settings.py", "        if key in config.explicit and mine != theirs:\n",
+          "        if False:\n"),),
+        ("tests/test_settings.py",), keyword="refuses or enforced_on_reopen"),
+    Mutation(
+        "stored_budget_ignored",
+        "every process enforces the budget stored with the data",
+        (("kvstore/tiers/disk/tier.py", '        db = self.env.dbs[b"settings"]\n        if db is None:\n',
+          '        db = self.env.dbs[b"settings"]\n        if True:\n'),),
+        ("tests/test_settings.py",), keyword="budgets_follow"),
+    Mutation(
+        "no_spill_below_disk",
+        "a block evicted from disk goes to the tier below, as its encoded record",
+        (("kvstore/store.py", "            if level + 1 >= len(self.tiers):\n",
+          "            if True:\n"),),
+        ("tests/test_stack.py",)),
+    Mutation(
         "connector_load_errors_not_reported",
         "vLLM recomputes blocks the connector could not load (never wrong KV)",
         (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",

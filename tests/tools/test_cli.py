@@ -255,7 +255,7 @@ def test_console_script_in_a_fresh_process(shared_engine):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
-def test_serve_metrics_from_outside_the_engine(shared_engine):
+def test_serve_metrics_from_outside_the_engine(shared_engine, kv):
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve-metrics", "--config",
                              str(shared_engine.config), "--port", "0", "--json"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -265,8 +265,12 @@ def test_serve_metrics_from_outside_the_engine(shared_engine):
         got = samples(scrape(info["metrics"])[1])
         assert got[("kvstore_entries", (("tier", "disk"),))] == TOTAL_BLOCKS
         assert got[("kvstore_budget_bytes", (("tier", "disk"),))] == 4 << 20
-        # Counters of the tool's own process would read as zeros: they are left out.
-        assert not any(name.startswith("kvstore_hit_tokens") for name, _ in got)
+        # The counters are the store's lifetime ones (every process's), as `kvstore stats` shows.
+        code, stats, _ = kv("stats", "--config", shared_engine.config, "--json")
+        exported = sum(v for (name, _), v in got.items() if name == "kvstore_requests_total")
+        assert code == 0 and exported == stats["counters"]["requests"] >= 5
+        assert sum(v for (name, _), v in got.items() if name == "kvstore_hit_tokens_total") == \
+            stats["counters"]["hit_tokens_total"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, proc.stderr.read()

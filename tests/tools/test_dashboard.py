@@ -74,7 +74,7 @@ def test_dashboard_shows_live_figures(browser, open_store, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and width == 1280 and height > 1000
 
 
-def test_dashboard_of_serve_metrics_explains_the_missing_counters(browser, open_store):
+def test_dashboard_of_serve_metrics_shows_lifetime_counters_and_explains_latency(browser, open_store):
     store = open_store(host_bytes=0)
     traffic(store, 2)
     with start_metrics_server(store, port=0, process_counters=False, interval_s=SAMPLE_S) as server:
@@ -84,6 +84,12 @@ def test_dashboard_of_serve_metrics_explains_the_missing_counters(browser, open_
             hitRate: document.querySelector('#hit-rate .value').textContent,
             hitChart: document.getElementById('chart-hit-rate').textContent,
             occupancy: document.querySelectorAll('#chart-occupancy path.line').length};""")
-    assert page["errors"] == [] and page["hitRate"] == "—"
-    assert "counted by the engine" in page["hitChart"] and page["occupancy"] == 1
-    assert browser.run("return document.getElementById('note').hidden") is False
+    c = store.lifetime_counters()
+    hit = sum(v for k, v in c.items() if k.startswith("hit_tokens|"))
+    miss = sum(v for k, v in c.items() if k.startswith("miss_tokens|"))
+    assert page["errors"] == [] and hit + miss > 0
+    assert page["hitRate"] == f"{100 * hit / (hit + miss):.1f}%"  # the store's lifetime figure
+    assert page["occupancy"] == 1
+    note = browser.run("return [document.getElementById('note').hidden, "
+                       "document.getElementById('note').textContent]")
+    assert note[0] is False and "lifetime totals" in note[1] and "latency" in note[1]
