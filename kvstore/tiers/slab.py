@@ -104,7 +104,9 @@ class SlabTier:
             if self._slab is None or not entries:
                 return [False] * len(entries)
             self._drop(self._index.expired(now, self.ttl_s), "ttl", on_evict)
-            new = [e for e in entries if e.key not in self._slot_of]
+            # Shallowest first: when slots run short the chain keeps its head (spilled victims
+            # arrive deepest first).
+            new = sorted((e for e in entries if e.key not in self._slot_of), key=lambda e: e.meta.depth)
             need = len(new) - len(self._free)
             if need > 0:
                 protect = self._protected(entries)
