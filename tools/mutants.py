@@ -189,6 +189,30 @@ MUTATIONS = (
         (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",
           "            pass\n"),),
         ("tests/vllm/test_connector.py",), keyword="damaged", python="vllm", timeout_s=600),
+    Mutation(
+        "connector_block_size_unchecked",
+        "the vLLM connector refuses a block_size that does not divide the store's block_tokens",
+        (("engine_adapter/vllm_connector.py", "        if self.block_tokens % self.vllm_block_size:\n",
+          "        if False:\n"),),
+        ("tests/vllm/test_connector_config.py",), keyword="block_size", python="vllm"),
+    Mutation(
+        "connector_tenant_ignored",
+        "two tenants of the vLLM connector never share a block",
+        (("engine_adapter/vllm_connector.py", 'tenant_salt=own.get("tenant", "")', 'tenant_salt=""'),),
+        ("tests/vllm/test_connector_config.py",), keyword="tenants", python="vllm"),
+    Mutation(
+        "connector_model_ignored",
+        "two models behind the vLLM connector never share a block",
+        (("engine_adapter/vllm_connector.py",
+          'return make_namespace(model.replace("|", "/"), layout, dtype,',
+          'return make_namespace("model", layout, dtype,'),),
+        ("tests/vllm/test_connector_config.py",), keyword="tenants", python="vllm"),
+    Mutation(
+        "connector_bypass_ignored",
+        "the vLLM connector bypasses (and counts) LoRA, multimodal and prompt-embeds requests",
+        (("engine_adapter/vllm_connector.py", "        bypass = _bypass_reason(request)\n",
+          "        bypass = None\n"),),
+        ("tests/vllm/test_connector_config.py",), keyword="bypassed", python="vllm"),
 )
 
 
