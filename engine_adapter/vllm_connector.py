@@ -26,7 +26,7 @@ promised but the worker cannot load is reported through ``get_block_ids_with_loa
 vLLM recomputes it (the connector sets ``kv_load_failure_policy="recompute"``).
 
 Only prompt tokens are stored (a request's output is not); requests with LoRA adapters,
-multimodal inputs or prompt embeddings neither load nor store.
+multimodal inputs or prompt embeddings neither load nor store (``vllm_bypassed_requests``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,13 @@ def split_extra_config(extra: Mapping[str, Any]) -> tuple[StoreConfig, dict[str,
     for k in ("model_id", "tenant"):
         if k in own and not isinstance(own[k], str):
             raise ConfigError(f"kv_connector_extra_config.{k}: expected a string, got {own[k]!r}")
-    return StoreConfig.from_mapping(extra, source="kv_connector_extra_config"), own
+    try:
+        return StoreConfig.from_mapping(extra, source="kv_connector_extra_config"), own
+    except ConfigError as e:  # "host_bytes: expected ..." names the key; say where it came from
+        msg = str(e)
+        if msg.startswith("kv_connector_extra_config"):
+            raise
+        raise ConfigError(f"kv_connector_extra_config.{msg}") from None
 
 
 # -- metadata: scheduler -> worker ------------------------------------------------------------
@@ -215,6 +221,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.metrics = self.store.metrics
         # scheduler state
         self._reqs: dict[str, _ReqState] = {}
+        self._bypassed: set[str] = set()  # requests neither loaded nor stored (_bypass_reason)
         # worker state
         self._kv_caches: list[torch.Tensor] = []
         self._load_errors: set[int] = set()
@@ -245,8 +252,13 @@ class KVStoreConnector(KVConnectorBase_V1):
                                    ) -> tuple[int | None, bool]:
         """Store tokens beyond vLLM's own hit of ``num_computed_tokens``: full store blocks held
         for every TP rank, leaving at least one prompt token to compute. Never raises."""
-        if request.lora_request is not None or request.mm_features or \
-                getattr(request, "prompt_embeds", None) is not None or not request.prompt_token_ids:
+        bypass = _bypass_reason(request)
+        if bypass is not None:
+            if request.request_id not in self._bypassed:  # counted once, however often asked
+                self._bypassed.add(request.request_id)
+                self.metrics.add("vllm_bypassed_requests", reason=bypass)
+            return 0, False
+        if not request.prompt_token_ids:
             return 0, False
         tokens = list(request.prompt_token_ids)
         usable = (len(tokens) - 1) // self.block_tokens * self.block_tokens
@@ -329,6 +341,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                          ) -> tuple[bool, dict[str, Any] | None]:
         """Saves are synchronous, so the blocks can be freed at once."""
         self._reqs.pop(request.request_id, None)
+        self._bypassed.discard(request.request_id)
         return False, None
 
     # -- worker side --------------------------------------------------------------------------
@@ -450,6 +463,21 @@ class KVStoreConnector(KVConnectorBase_V1):
     def _fault(self, stage: str, e: Exception) -> None:
         log.warning("kvstore %s failed, served as a miss: %s: %s", stage, type(e).__name__, e)
         self.metrics.add("vllm_faults", stage=stage)
+
+
+def _bypass_reason(request: Request) -> str | None:
+    """Why the connector must neither load nor store ``request``, or None.
+
+    Its KV is not a function of its token ids alone: a LoRA adapter changes every layer's KV,
+    multimodal inputs and prompt embeddings stand behind placeholder ids that other requests
+    share."""
+    if request.lora_request is not None:
+        return "lora"
+    if request.mm_features:
+        return "multimodal"
+    if getattr(request, "prompt_embeds", None) is not None:
+        return "prompt_embeds"
+    return None
 
 
 def _backend_tag(vllm_config: VllmConfig, spec: Any) -> str:

@@ -24,6 +24,7 @@ ANY = None  # a label whose values are open (tier names: a stack can have any ti
 EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
 DROP_REASONS = ("queue_full", "capacity", "no_space", "io_error", "error")
 FAULT_STAGES = ("lookup", "load", "store", "flush")
+BYPASS_REASONS = ("lora", "multimodal", "prompt_embeds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,9 @@ DECLARED: dict[str, Declared] = _declare(
     Declared("vllm_load_failed_blocks", "counter",
              "Store blocks whose load failed in the vLLM connector (vLLM recomputes them).", "blocks"),
     Declared("vllm_stored_blocks", "counter", "Store blocks the vLLM connector saved.", "blocks"),
+    Declared("vllm_bypassed_requests", "counter",
+             "Requests the vLLM connector neither loads nor stores (LoRA, multimodal, prompt "
+             "embeddings), by reason.", "", {"reason": BYPASS_REASONS}),
     Declared("load_seconds", "histogram", "Seconds to load the hit blocks of one prompt.", "seconds"),
     Declared("put_seconds", "histogram",
              "Seconds a put holds the caller (RAM copies and queueing the slow writes).", "seconds"),

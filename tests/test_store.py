@@ -311,3 +311,59 @@ def test_purge_dry_run_removes_nothing(open_store):
     s.put(list(range(2 * B)), blocks_for(2))
     assert s.purge(all=True, dry_run=True) == 2
     assert s.match(list(range(2 * B))).num_blocks == 2
+
+
+BIG = (2, 2, 2, B, 1024)  # 128 KiB of float16 a block: 16 of them outgrow a new store's 1 MiB map
+_GROWER = """
+import sys, torch
+from kvstore import KVStore, StoreConfig
+from tests.conftest import make_block
+with KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0)) as s:
+    s.put(list(range(10_000, 10_000 + 16 * 8)),
+          [make_block(100 + i, shape=(2, 2, 2, 8, 1024), dtype=torch.float16) for i in range(16)])
+    s.flush()
+    print(s.tier("disk").env.info()["map_size"])
+"""
+
+
+def grow_map_in_another_process(path) -> int:
+    """Another process grows the store's map (so this one's next read must adopt it); returns
+    the map size it grew to."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _GROWER, str(path)], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def test_a_read_io_error_is_a_counted_miss_never_an_exception(open_store, tmp_path, clock):
+    # A real OSError on the read path: another process grew the map, so this one's next read
+    # transaction must adopt the new size, which takes resize.lock, and the store directory has
+    # been moved away meanwhile. match, get and prefetch go on as misses (counted), serve
+    # nothing, and work again once the directory is back.
+    clock.now = time.time()  # the other process runs on the real clock
+    big = [make_block(i, shape=BIG, dtype=torch.float16) for i in range(2)]
+    toks = list(range(2 * B))
+    s = open_store(compression="none", disk_bytes="16MiB")
+    s.put(toks, big)
+    s.close()
+    s = open_store(compression="none", disk_bytes="16MiB")
+    m = s.match(toks)
+    assert m.blocks_by_tier == {"disk": 2}  # RAM is empty: every read goes to the disk tier
+    assert grow_map_in_another_process(tmp_path / "store") > s.tier("disk").env.info()["map_size"]
+    os.rename(tmp_path / "store", tmp_path / "moved")
+    try:
+        assert s.get(m) == []  # never raises, serves nothing
+        errors = s.metrics.value("io_errors", tier="disk")
+        assert errors >= 1 and s.metrics.value("load_failed_blocks") == 2
+        h = s.prefetch(m)  # the background load fails the same way: done, nothing moved
+        assert h.wait(60) and h.blocks == 0
+        assert s.metrics.value("io_errors", tier="disk") > errors
+        assert s.metrics.total("prefetch_errors") == 0  # the tier turned the fault into misses
+        assert s.tier("host").usage().entries == 0  # nothing promoted
+        assert s.match(list(range(10_000, 10_000 + 16 * B))).num_blocks == 0
+    finally:
+        os.rename(tmp_path / "moved", tmp_path / "store")
+    got = s.get(s.match(toks))  # the fault is gone: the same store serves again
+    assert len(got) == 2 and all(torch.equal(g, b) for g, b in zip(got, big))
+    assert s.match(list(range(10_000, 10_000 + 16 * B))).num_blocks == 16

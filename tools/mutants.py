@@ -132,11 +132,87 @@ MUTATIONS = (
           "            if True:\n"),),
         ("tests/test_stack.py",)),
     Mutation(
+        "read_os_error_raises",
+        "an I/O error on the disk tier's read path is a counted miss, never an exception",
+        (("kvstore/tiers/disk/tier.py", "READ_FAULTS = (LMDBError, OSError)",
+          "READ_FAULTS = (LMDBError,)"),),
+        ("tests/test_store.py",), keyword="read_io_error"),
+    Mutation(
+        "purge_skips_ram_tiers",
+        "a purged block is never served again (the purge reaches every tier)",
+        (("kvstore/store.py",
+          "removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now))",
+          "removed.update(ev.key for ev in (tier.purge(lambda k, m: k in gone, now) "
+          "if tier.slow else ()))"),),
+        ("tests/test_store_stateful.py",), keyword="TwoTiers"),
+    Mutation(
+        "flush_does_not_wait",
+        "acknowledged blocks survive SIGKILL (flush returns once they are committed)",
+        (("kvstore/writeback.py",
+          "            return self._cond.wait_for(lambda: not self._queue and not self._inflight, timeout)",
+          "            return True"),),
+        ("tests/reliability/test_crash_and_corruption.py",), keyword="sigkill", timeout_s=480),
+    Mutation(
+        "open_maps_less_than_the_file",
+        "one process never shrinks the data file under another's map (opening)",
+        (("kvstore/tiers/disk/env.py", "map_size=size or _NEW_MAP,", "map_size=_NEW_MAP,"),),
+        ("tests/tiers/test_disk.py",), keyword="shrinks"),
+    Mutation(
+        "adopt_maps_less_than_the_file",
+        "one process never shrinks the data file under another's map (adopting its growth)",
+        (("kvstore/tiers/disk/env.py",
+          'self._remap(max(self._env.info()["map_size"], (self.path / "data.mdb").stat().st_size))',
+          'self._remap(self._env.info()["map_size"])'),),
+        ("tests/tiers/test_disk.py",), keyword="shrinks"),
+    Mutation(
+        "tools_open_writable",
+        "tools inspect a store without writing, also on a read-only mount",
+        (("tools/cli/reading.py", "KVStore.open(cfg, readonly=not writable)",
+          "KVStore.open(cfg, readonly=False)"),),
+        ("tests/tools/test_readonly.py",)),
+    Mutation(
+        "hf_stores_decode_step_kv",
+        "a hit gives the transformers adapter bit-identical logits (stored KV is recomputed in "
+        "whole prefill chunks)",
+        (("engine_adapter/hf.py", "                if n_full * bt > canon:\n",
+          "                if False:\n"),),
+        ("tests/engine_adapter/test_hf.py",), keyword="bit_identical", timeout_s=300),
+    Mutation(
+        "hf_hit_kv_rounded",
+        "a hit gives the transformers adapter bit-identical logits (KV loaded unchanged)",
+        (("engine_adapter/kv_blocks.py", "dim=2).to(layout.dtype)  # (2, H, T, D)",
+          "dim=2).to(torch.bfloat16).to(layout.dtype)  # (2, H, T, D)"),),
+        ("tests/engine_adapter/test_hf.py",), keyword="bit_identical", timeout_s=300),
+    Mutation(
         "connector_load_errors_not_reported",
         "vLLM recomputes blocks the connector could not load (never wrong KV)",
         (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",
           "            pass\n"),),
         ("tests/vllm/test_connector.py",), keyword="damaged", python="vllm", timeout_s=600),
+    Mutation(
+        "connector_block_size_unchecked",
+        "the vLLM connector refuses a block_size that does not divide the store's block_tokens",
+        (("engine_adapter/vllm_connector.py", "        if self.block_tokens % self.vllm_block_size:\n",
+          "        if False:\n"),),
+        ("tests/vllm/test_connector_config.py",), keyword="block_size", python="vllm"),
+    Mutation(
+        "connector_tenant_ignored",
+        "two tenants of the vLLM connector never share a block",
+        (("engine_adapter/vllm_connector.py", 'tenant_salt=own.get("tenant", "")', 'tenant_salt=""'),),
+        ("tests/vllm/test_connector_config.py",), keyword="tenants", python="vllm"),
+    Mutation(
+        "connector_model_ignored",
+        "two models behind the vLLM connector never share a block",
+        (("engine_adapter/vllm_connector.py",
+          'return make_namespace(model.replace("|", "/"), layout, dtype,',
+          'return make_namespace("model", layout, dtype,'),),
+        ("tests/vllm/test_connector_config.py",), keyword="tenants", python="vllm"),
+    Mutation(
+        "connector_bypass_ignored",
+        "the vLLM connector bypasses (and counts) LoRA, multimodal and prompt-embeds requests",
+        (("engine_adapter/vllm_connector.py", "        bypass = _bypass_reason(request)\n",
+          "        bypass = None\n"),),
+        ("tests/vllm/test_connector_config.py",), keyword="bypassed", python="vllm"),
 )
 
 

@@ -31,6 +31,7 @@ def build_tiny_llama(dirpath: Path, tokenizer, seed: int = 0) -> Path:
         head_dim=32,
         max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        initializer_range=0.15,  # large enough that the output depends on the whole context
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,6 +1,13 @@
-"""DiskTier opened read-only, as a tool looking at a store an engine writes."""
+"""DiskTier opened read-only, as a tool looking at a store an engine writes; processes sharing
+one disk tier's map."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from kvstore.codec import Codec
 from kvstore.errors import StoreOpenError
@@ -29,3 +36,88 @@ def test_a_read_only_tier_reads_what_a_store_wrote_and_writes_nothing(open_store
 def test_a_read_only_tier_refuses_a_directory_without_a_store(tmp_path):
     with pytest.raises(StoreOpenError, match="cannot open the disk tier"):
         DiskTier(tmp_path, 1 << 30, 3600.0, Codec(), readonly=True)
+
+
+BIG = (2, 2, 2, B, 1024)  # 128 KiB of float16 a block: 16 of them outgrow a new store's 1 MiB map
+_PEER = """
+import sys, torch
+from kvstore import KVStore, StoreConfig
+from tests.conftest import make_block
+s = KVStore.open(StoreConfig(path=sys.argv[1], block_tokens=8, host_bytes=0))
+env = s.tier("disk").env
+for line in sys.stdin:  # "put|get FIRST_TOKEN BLOCKS SEED": answers "ok MAP_SIZE" or what failed
+    op, first, n, seed = line.split()
+    first, n, seed = int(first), int(n), int(seed)
+    toks = list(range(first, first + 8 * n))
+    blocks = [make_block(seed + i, shape=(2, 2, 2, 8, 1024), dtype=torch.float16) for i in range(n)]
+    if op == "put":
+        ok = s.put(toks, blocks) == n and s.flush(60)
+    else:
+        got = s.get(s.match(toks))
+        ok = len(got) == n and all(torch.equal(g, b) for g, b in zip(got, blocks))
+    print(f"ok {env.info()['map_size']}" if ok else f"{op} failed", flush=True)
+s.close()
+"""
+
+
+class Peer:
+    """Another process using the same store, one command at a time."""
+
+    def __init__(self, path):
+        root = Path(__file__).resolve().parents[2]
+        self.p = subprocess.Popen([sys.executable, "-c", _PEER, str(path)], cwd=root,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, op: str, first: int, n: int, seed: int) -> int:
+        """Runs the command; returns the peer's map size after it."""
+        self.p.stdin.write(f"{op} {first} {n} {seed}\n")
+        self.p.stdin.flush()
+        answer = self.p.stdout.readline().split()
+        # A peer killed by SIGBUS (a write into its map past the end of a cut file) answers nothing.
+        assert answer[:1] == ["ok"], f"{op}: {answer or f'peer died, exit {self.p.wait(60)}'}"
+        return int(answer[1])
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        assert self.p.wait(60) == 0
+
+
+def big_blocks(n: int, seed: int) -> list[torch.Tensor]:
+    return [make_block(seed + i, shape=BIG, dtype=torch.float16) for i in range(n)]
+
+
+def test_no_process_shrinks_the_data_file_under_another_processs_map(open_store, tmp_path, clock):
+    # With writemap LMDB truncates the data file to the map size a process opens or remaps with.
+    # This process keeps a map older (smaller) than the file another process grew: when it
+    # reads and writes (adopting the growth) and when a third process opens the store, the file
+    # must stay at least as large as the grower's map, which then writes on into its upper part
+    # (into a cut file that would be SIGBUS) and everyone reads every block back.
+    clock.now = time.time()  # the other processes run on the real clock
+    s = open_store(host_bytes=0, compression="none", disk_bytes="16MiB")
+    data = tmp_path / "store" / "disk" / "data.mdb"
+    env = s.tier("disk").env
+    s.put(list(range(2 * B)), big_blocks(2, 0))
+    assert s.flush(60)
+    older = env.info()["map_size"]
+    peer = Peer(tmp_path / "store")
+    try:
+        grown = peer("put", 10_000, 16, 100)
+        assert grown > older and data.stat().st_size >= grown
+        toks = list(range(10_000, 10_000 + 16 * B))
+        got = s.get(s.match(toks))  # a read with the older map: it adopts the growth
+        assert len(got) == 16 and all(torch.equal(g, b) for g, b in zip(got, big_blocks(16, 100)))
+        assert data.stat().st_size >= grown
+        assert s.put(list(range(20_000, 20_000 + 2 * B)), big_blocks(2, 200)) == 2
+        assert s.flush(60) and data.stat().st_size >= grown
+        out = subprocess.run([sys.executable, "-c", _PEER, str(tmp_path / "store")],
+                             input="get 0 2 0\nget 10000 16 100\n", capture_output=True,
+                             text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert out.stdout.split()[::2] == ["ok", "ok"], out.stderr  # a new process opened it
+        assert data.stat().st_size >= grown
+        assert peer("put", 30_000, 16, 300) >= grown  # pages past what the others had used
+        assert peer("get", 20_000, 2, 200) and peer("get", 0, 2, 0)
+        peer.close()
+    finally:
+        peer.p.kill()
+    got = s.get(s.match(list(range(30_000, 30_000 + 16 * B))))
+    assert len(got) == 16 and all(torch.equal(g, b) for g, b in zip(got, big_blocks(16, 300)))

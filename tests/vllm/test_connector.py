@@ -1,5 +1,6 @@
 """KVStoreConnector against a real vLLM engine (CPU): reuse across engine restarts, partial
-prefixes, interplay with vLLM's own prefix cache, a damaged store, and both process modes.
+prefixes, interplay with vLLM's own prefix cache, a damaged store, both process modes, vLLM
+block_size 32, another tenant, and prompt embeddings (bypassed).
 
 Every engine runs in a fresh process. Expected hits are the 64-aligned common prefix, capped so
 that at least one prompt token is computed; outputs must equal an engine without the connector.
@@ -135,3 +136,40 @@ def test_separate_scheduler_process_sees_worker_stores(run_engine, tiny_model, r
     assert [r["cached"] for r in first] == [0, 0]
     assert [r["cached"] for r in second] == [HIT["P1"], HIT["P2"], HIT["P3"]]
     assert [r["output"] for r in first + second] == [reference[n] for n in ("P1", "P3", "P1", "P2", "P3")]
+
+
+def test_block_size_32_stores_loads_and_matches_reference(run_engine, tiny_model, reference,
+                                                         tmp_path):
+    # A store block is two vLLM blocks of 32 tokens: saved together, loaded into two vLLM blocks.
+    res = run_engine(model=tiny_model, store=str(tmp_path / "kv"), block_size=32,
+                     prefix_caching=False, phases=[[P1, P3], [P1, P2, P3]])
+    first, second = res["phases"]
+    assert [r["cached"] for r in first] == [0, 0]
+    assert [r["cached"] for r in second] == [HIT["P1"], HIT["P2"], HIT["P3"]]
+    assert [r["output"] for r in first + second] == [reference[n] for n in ("P1", "P3", "P1", "P2", "P3")]
+    c = res["counters"]
+    assert c["vllm_loaded_tokens"] == HIT["P1"] + HIT["P2"] + HIT["P3"]
+    assert c["vllm_stored_blocks"] == 4 + 2 + 1  # P2's 4th block is new
+    assert c.get("vllm_load_failed_blocks", 0) == 0 and c.get("vllm_faults", 0) == 0
+
+
+E1, E2 = {"embeds_seed": 1, "len": 200}, {"embeds_seed": 2, "len": 200}
+
+
+def test_another_tenant_shares_nothing_and_prompt_embeds_are_bypassed(run_engine, tiny_model,
+                                                                     warm_store, reference):
+    # warm_store holds P1 and P3 for the default tenant. Tenant b finds none of it, stores its
+    # own copy and hits that next time. Prompt embeddings stand behind placeholder ids that two
+    # different embeddings share: they are never looked up nor stored, only counted.
+    res = run_engine(model=tiny_model, store=warm_store, tenant="b", prompt_embeds=True,
+                     prefix_caching=False, phases=[[P1, P3, E1, E2], [P1, P3, E2]])
+    first, second = res["phases"]
+    assert [r["cached"] for r in first] == [0, 0, 0, 0]
+    assert [r["cached"] for r in second] == [HIT["P1"], HIT["P3"], 0]
+    assert [r["output"] for r in first[:2] + second[:2]] == [reference[n] for n in ("P1", "P3") * 2]
+    assert first[2]["output"] != first[3]["output"]  # two embeddings, two answers
+    assert second[2]["output"] == first[3]["output"]
+    c = res["counters"]
+    assert c["vllm_stored_blocks"] == 4 + 2  # tenant b's P1 and P3; nothing for the embeddings
+    assert c["vllm_loaded_tokens"] == HIT["P1"] + HIT["P3"]
+    assert c["vllm_bypassed_requests"] == 3

@@ -29,6 +29,9 @@ from .schema import TIMES, TIMES_AT, Schema, Totals, entry_cost, unpack_meta
 
 _EXPIRE_BATCH = 1024  # expired entries removed per write transaction, to keep writes short
 _PURGE_BATCH = 4096  # entries removed per purge transaction
+# Faults of a read: LMDB's, and OSError from adopting another process's map growth (resize.lock,
+# the data file's size). Either is a miss for the engine, never an exception.
+READ_FAULTS = (LMDBError, OSError)
 
 
 class DiskTier:
@@ -138,7 +141,7 @@ class DiskTier:
                     out.append(hit)
                     if stop_at_miss and not hit:
                         break
-        except LMDBError:
+        except READ_FAULTS:
             self.metrics.add("io_errors", tier=self.name)
             return [False] * (1 if stop_at_miss else len(keys))
         return out
@@ -171,7 +174,7 @@ class DiskTier:
                     except (CorruptEntryError, ValueError):
                         corrupt.append(key)
                         ok.append(False)
-        except LMDBError:
+        except READ_FAULTS:
             self.metrics.add("io_errors", tier=self.name)
             ok += [False] * (len(keys) - len(ok))
         if corrupt:
