@@ -144,7 +144,7 @@ MUTATIONS = (
           "removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now))",
           "removed.update(ev.key for ev in (tier.purge(lambda k, m: k in gone, now) "
           "if tier.slow else ()))"),),
-        ("tests/test_store_stateful.py",), keyword="TwoTiers"),
+        ("tests/test_store.py", "tests/test_store_stateful.py"), keyword="purge or TwoTiers"),
     Mutation(
         "flush_does_not_wait",
         "acknowledged blocks survive SIGKILL (flush returns once they are committed)",
