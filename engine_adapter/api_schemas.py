@@ -125,7 +125,10 @@ def param_of(loc: tuple) -> str:
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str]:
-    """(param, message) for pydantic errors: the first error's field, every error's reason."""
+    """(param, message) for pydantic errors. The deepest field is named: for a value that fits
+    no branch of a union (content: a string or a list of parts), the branch that got furthest
+    says most."""
+    errors = sorted(errors, key=lambda e: -len(param_of(tuple(e["loc"])).split(".")))
     first = param_of(tuple(errors[0]["loc"])) if errors else ""
     reasons = []
     for e in errors[:4]:

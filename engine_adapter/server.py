@@ -199,18 +199,19 @@ def create_app(service: Service, tenants: Tenants, max_queue: int = 16) -> FastA
         except QueueFull as e:
             count(endpoint, "queue_full")
             return _error(429, f"{e}; retry later", type_="rate_limit_error", code="queue_full")
+        job.future.add_done_callback(lambda f: _record(f, endpoint, metrics))
         done = asyncio.wrap_future(job.future)
         done.add_done_callback(lambda _: events.put_nowait(("done", None)))
         if not stream:
-            return await _answer(request, job, done, kind, req, endpoint, count, metrics)
+            return await _answer(request, job, done, kind, req)
         # Streaming: wait until the prompt is accepted, so bad input still gets a plain 400.
         while True:
             ev, _ = await _next_event(request, events, job)
             if ev in ("start", "done", "gone"):
                 break
         if ev != "start":
-            return _finished(job, done, kind, req, endpoint, count, metrics)
-        return StreamingResponse(_sse(events, job, done, kind, req, endpoint, count, metrics),
+            return _finished(done, kind, req)
+        return StreamingResponse(_sse(events, job, done, kind, req),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
@@ -240,29 +241,24 @@ async def _next_event(request: Request, events: asyncio.Queue, job) -> tuple[str
                 return "gone", None
 
 
-async def _answer(request, job, done, kind, req, endpoint, count, metrics) -> Response:
+async def _answer(request, job, done, kind, req) -> Response:
     while not done.done():
         await asyncio.wait({done}, timeout=_DISCONNECT_POLL_S)
         if not done.done() and await request.is_disconnected():
             job.cancel()  # generation stops at its next token; nobody reads the answer
-    return _finished(job, done, kind, req, endpoint, count, metrics)
+    return _finished(done, kind, req)
 
 
-def _finished(job, done, kind, req, endpoint, count, metrics) -> Response:
+def _finished(done, kind, req) -> Response:
     """The response for a finished job: the answer, or its error."""
     try:
         out: Outcome = done.result()
     except (Cancelled, asyncio.CancelledError):
-        count(endpoint, "cancelled")
         return _error(499, "the client closed the request", code="cancelled")
     except RequestError as e:
-        count(endpoint, "bad_request")
         return _error(400, str(e), param=e.param)
-    except Exception as e:  # a bug, reported as one: the engine thread goes on
-        count(endpoint, "error")
-        log.exception("request failed")
+    except Exception as e:  # a bug, reported as one (logged by the engine loop): the engine goes on
         return _error(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
-    _record(out, endpoint, count, metrics)
     rid = _id(kind)
     if kind == "chat":
         body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
@@ -276,8 +272,17 @@ def _finished(job, done, kind, req, endpoint, count, metrics) -> Response:
     return JSONResponse(body)
 
 
-def _record(out: Outcome, endpoint: str, count, metrics) -> None:
-    count(endpoint, "cancelled" if out.finish_reason == "cancelled" else "ok")
+def _record(future, endpoint: str, metrics) -> None:
+    """Counts a finished job, whoever (if anyone) still waits for it."""
+    try:
+        out: Outcome = future.result()
+    except BaseException as e:
+        outcome = ("cancelled" if isinstance(e, Cancelled) else
+                   "bad_request" if isinstance(e, RequestError) else "error")
+        metrics.add("server_requests", endpoint=endpoint, outcome=outcome)
+        return
+    metrics.add("server_requests", endpoint=endpoint,
+                outcome="cancelled" if out.finish_reason == "cancelled" else "ok")
     u = out.usage
     metrics.add("server_prompt_tokens", u["prompt_cache_hit_tokens"], cached="yes")
     metrics.add("server_prompt_tokens", u["prompt_cache_miss_tokens"], cached="no")
@@ -294,7 +299,7 @@ def _id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
-async def _sse(events, job, done, kind, req, endpoint, count, metrics):
+async def _sse(events, job, done, kind, req):
     """Server-sent events in OpenAI's chunk format; ``data: [DONE]`` ends them. A disconnect
     cancels the generator here (Starlette), which cancels the job."""
     rid, created = _id(kind), int(time.time())
@@ -323,11 +328,8 @@ async def _sse(events, job, done, kind, req, endpoint, count, metrics):
         try:
             out: Outcome = done.result()
         except Exception as e:  # after the headers: the error travels as an event
-            count(endpoint, "error")
-            log.exception("streamed request failed")
             yield "data: " + json.dumps(api_error(f"{type(e).__name__}: {e}", "server_error")) + "\n\n"
             return
-        _record(out, endpoint, count, metrics)
         yield chunk(None, _reason(out))
         if req.stream_options is not None and req.stream_options.include_usage:
             yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model,
