@@ -173,6 +173,12 @@ MUTATIONS = (
         (("engine_adapter/service.py", "return not (stops.stopped or job.cancelled)", "return not stops.stopped"),),
         ("tests/engine_adapter/test_server.py",), keyword="full_queue"),
     Mutation(
+        "server_cache_control_not_pinned",
+        "cache_control pins the prompt's blocks for the TTL (they survive eviction)",
+        (("engine_adapter/service.py", "self.store.pin(ids[:pos], ttl, namespace=lm.namespace)",
+          "self.store.pin(ids[:pos], 0, namespace=lm.namespace)"),),
+        ("tests/engine_adapter/test_server.py",), keyword="pins"),
+    Mutation(
         "connector_load_errors_not_reported",
         "vLLM recomputes blocks the connector could not load (never wrong KV)",
         (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",

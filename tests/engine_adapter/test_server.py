@@ -262,3 +262,31 @@ def test_a_restarted_server_serves_from_disk(tmp_path, smollm2):
     assert first.usage.prompt_cache_hit_tokens == 0
     assert again.usage.prompt_cache_hit_tokens == (len(ids) - 1) // BT * BT
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+@pytest.mark.heavy  # a server of its own and 20 blocks of prefill (about 15 s): make test-all
+def test_cache_control_pins_survive_eviction(tmp_path, smollm2):
+    """A small store (4 blocks in RAM, about 9 on disk): a prompt pinned with cache_control
+    keeps its blocks while 20 blocks of other prompts evict everything unpinned."""
+    config = '[kvstore]\nhost_bytes = "12MiB"\ndisk_bytes = "24MiB"\n'
+    quiz = sc.few_shot_messages(sc.FEW_SHOT_FINAL_QUESTIONS[1])
+    pinned = [*quiz[:-1], {"role": "user", "content": [
+        {"type": "text", "text": quiz[-1]["content"], "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+    fillers = [[{"role": "user", "content": sc.DOCUMENT[k * 1500:(k + 1) * 1500]}] for k in range(1, 5)]
+    with ServerProcess(tmp_path / "kv", config=config, tmp=tmp_path) as s:
+        c = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600)
+
+        def ask(messages):
+            return c.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0).usage
+
+        u = ask(pinned)
+        content_end = len(chat_ids(smollm2[1], quiz)) - len(tok_tail := smollm2[1](
+            "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+        assert tok_tail and u.prompt_cache_pinned_tokens == content_end // BT * BT > 0
+        for f in fillers:
+            ask(f)
+        # A cache_control on a prompt shorter than a block pins nothing but waits for the
+        # queued writes, so every eviction above has happened.
+        ask([{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]}])
+        assert ask(fillers[0]).prompt_cache_hit_tokens == 0  # evicted: the store really was full
+        assert ask(quiz).prompt_cache_hit_tokens >= u.prompt_cache_pinned_tokens  # the pinned prefix stayed
