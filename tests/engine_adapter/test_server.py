@@ -290,3 +290,70 @@ def test_cache_control_pins_survive_eviction(tmp_path, smollm2):
         ask([{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]}])
         assert ask(fillers[0]).prompt_cache_hit_tokens == 0  # evicted: the store really was full
         assert ask(quiz).prompt_cache_hit_tokens >= u.prompt_cache_pinned_tokens  # the pinned prefix stayed
+
+
+@pytest.mark.heavy  # 8 clients for KVSTORE_SERVER_LOAD_S (default 40) seconds: make test-all
+def test_load_eight_clients_mixing_the_scenarios(tmp_path, smollm2):
+    """8 concurrent clients mix the three scenarios against a queue of 4: the only error is 429,
+    every answer equals a store-less run of the same request, and the server's memory stays
+    flat once every prompt has been seen."""
+    import os
+
+    import psutil
+
+    from engine_adapter.hf import CachedLM
+
+    model, tok = smollm2
+    requests = ([doc_messages(q) for q in sc.DOC_QUESTIONS[:3]] + [sc.chat_messages(t) for t in range(4)]
+                + [sc.few_shot_messages(q) for q in sc.FEW_SHOT_FINAL_QUESTIONS[:2]])
+    plain = CachedLM(model, tok, None)
+    reference = [plain.chat(m, max_new_tokens=8).text for m in requests]
+    # After the warm-up every prompt is stored whole: each later request hits all its full blocks.
+    want_hit = [(len(chat_ids(tok, m)) - 1) // BT * BT for m in requests]
+    duration = float(os.environ.get("KVSTORE_SERVER_LOAD_S", "40"))
+    with ServerProcess(tmp_path / "kv", "--max-queue", "4", config='[kvstore]\nhost_bytes = "256MiB"\n',
+                       tmp=tmp_path) as s:
+        proc = psutil.Process(s.proc.pid)
+        c = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600)
+        for m, ref in zip(requests, reference):  # warm-up: every prompt once
+            assert c.chat.completions.create(model=MODEL, messages=m, max_tokens=8, temperature=0) \
+                .choices[0].message.content == ref
+        rss_warm = proc.memory_info().rss
+        results = {"ok": 0, "429": 0, "hits": 0, "wrong": [], "errors": []}
+        lock = threading.Lock()
+        stop_at = time.monotonic() + duration
+
+        def client_loop(k: int) -> None:
+            i = k
+            while time.monotonic() < stop_at:
+                j = i % len(requests)
+                i += 3
+                try:
+                    r = c.chat.completions.create(model=MODEL, messages=requests[j], max_tokens=8, temperature=0)
+                except openai.RateLimitError:
+                    with lock:
+                        results["429"] += 1
+                    time.sleep(0.2)
+                    continue
+                except Exception as e:  # noqa: BLE001 - any other failure is the finding
+                    with lock:
+                        results["errors"].append(repr(e))
+                    continue
+                with lock:
+                    results["ok"] += 1
+                    results["hits"] += r.usage.prompt_cache_hit_tokens > 0
+                    if (r.choices[0].message.content != reference[j]
+                            or r.usage.prompt_cache_hit_tokens != want_hit[j]):
+                        results["wrong"].append(j)
+
+        threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(duration + 600)
+        rss_end = proc.memory_info().rss
+    print(f"load: {results['ok']} answers ({results['hits']} with a hit), {results['429']} refused with 429 "
+          f"in {duration:.0f} s; server RSS {rss_warm / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
+    assert not results["errors"] and not results["wrong"]
+    assert results["ok"] >= 8 and results["hits"] > 0
+    assert rss_end - rss_warm < 64 * 2**20
