@@ -78,6 +78,8 @@ class Rendered:
         marks: for each requested (message index, char offset in its content), the number of
             prompt tokens up to that point (a token that straddles it is not counted).
         spans: (message index, start, end) of each located content in ``text``.
+        offsets: each token's (start, end) in ``text`` (an own answer's tokens: by their
+            decoded lengths).
     """
 
     ids: list[int]
@@ -85,6 +87,7 @@ class Rendered:
     own_answers: int
     marks: dict[tuple[int, int], int]
     spans: list[tuple[int, int, int]]
+    offsets: list[tuple[int, int]]
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict], own: Callable[[str], list[int] | None],
@@ -127,6 +130,7 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], own: Callable[[str], l
         if span is not None:
             char_marks[(i, off)] = min(span[1] + off, span[2])
     out: list[int] = []
+    offsets: list[tuple[int, int]] = []
     found = dict.fromkeys(marks, 0)
     for start, end, fixed in pieces:
         if fixed is not None:
@@ -134,6 +138,11 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], own: Callable[[str], l
                 if c >= end:
                     found[mk] = len(out) + len(fixed)
             out.extend(fixed)
+            pos = start
+            for t in fixed:
+                step = len(tokenizer.decode([t], skip_special_tokens=True))
+                offsets.append((min(pos, end), min(pos + step, end)))
+                pos += step
             continue
         if start == end:
             continue
@@ -142,4 +151,5 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], own: Callable[[str], l
             if c >= start:
                 found[mk] = len(out) + sum(1 for (_, e) in enc["offset_mapping"] if start + e <= c)
         out.extend(enc["input_ids"])
-    return Rendered(out, text, sum(1 for p in pieces if p[2] is not None), found, spans)
+        offsets.extend((start + a, start + b) for a, b in enc["offset_mapping"])
+    return Rendered(out, text, sum(1 for p in pieces if p[2] is not None), found, spans, offsets)

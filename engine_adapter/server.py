@@ -265,10 +265,14 @@ def _finished(done, kind, req) -> Response:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "finish_reason": _reason(out), "logprobs": None}],
                 "usage": out.usage}
+        if out.explanation is not None:
+            body["cache_miss_explanation"] = out.explanation
     else:
         body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
                 "choices": [{"index": 0, "text": out.text, "finish_reason": _reason(out), "logprobs": None}],
                 "usage": out.usage}
+        if out.explanation is not None:
+            body["cache_miss_explanation"] = out.explanation
     return JSONResponse(body)
 
 
@@ -332,8 +336,11 @@ async def _sse(events, job, done, kind, req):
             return
         yield chunk(None, _reason(out))
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model,
-                                          "choices": [], "usage": out.usage}) + "\n\n"
+            last = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
+                    "usage": out.usage}
+            if out.explanation is not None:
+                last["cache_miss_explanation"] = out.explanation
+            yield "data: " + json.dumps(last) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # no-op once finished; stops the generation when the client left

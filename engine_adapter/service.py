@@ -8,15 +8,17 @@ around it. Every method here runs on the engine thread (engine_loop.py), one req
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kvstore import KVStore
+from kvstore.explain import Prompt, Span, compare
 
 from .api_schemas import ChatRequest, CompletionRequest
-from .chat_prompt import AnswerBook, render_chat
+from .chat_prompt import AnswerBook, Rendered, render_chat
 from .engine_loop import Job
 from .generation import default_eos_ids
 from .hf import CachedLM, Prices, model_fingerprint
@@ -46,6 +48,8 @@ class Outcome:
         ttft_s, total_s: seconds from the request's arrival.
         prompt_ids, output_ids: the token ids in and out.
         own_answers: assistant messages fed back as their generated ids.
+        explanation: with ``explain_cache_miss``, where the prompt parts from the longest prefix
+            an earlier request stored (see ``Service._explain``).
     """
 
     text: str
@@ -56,6 +60,7 @@ class Outcome:
     prompt_ids: list[int]
     output_ids: list[int]
     own_answers: int = 0
+    explanation: dict | None = None
 
 
 class _Stops:
@@ -98,6 +103,8 @@ class Service:
         answers: the server's own answers (a fresh ``AnswerBook`` by default).
     """
 
+    RECENT = 32  # stored sequences kept per tenant to explain a miss against
+
     def __init__(self, model: Any, tokenizer: Any, store: KVStore, model_name: str, *,
                  prices: Prices = Prices(), default_max_tokens: int = 256,
                  answers: AnswerBook | None = None):
@@ -108,6 +115,8 @@ class Service:
         self.eos = default_eos_ids(model)
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
         self._lms: dict[str, CachedLM] = {}
+        # Each tenant's last RECENT stored sequences (prompt + output), for explain_cache_miss.
+        self._recent: dict[str, collections.deque[list[int]]] = {}
 
     def lm(self, tenant: str) -> CachedLM:
         """The adapter for ``tenant`` (its own namespace: tenants never share blocks)."""
@@ -118,8 +127,9 @@ class Service:
         return lm
 
     # -- prompts ----------------------------------------------------------------------------
-    def chat_prompt(self, req: ChatRequest, tenant: str) -> tuple[list[int], int, list[tuple[int, float]]]:
-        """(prompt ids, own answers fed back, [(token position, ttl)] of cache_control breakpoints)."""
+    def chat_prompt(self, req: ChatRequest, tenant: str) -> tuple[Rendered, list[dict], list[tuple[int, float]]]:
+        """(the rendered prompt, the messages as the template saw them, [(token position, ttl)]
+        of the cache_control breakpoints)."""
         messages, marks, ttls = [], [], []
         for i, m in enumerate(req.messages):
             d = dict(m.model_extra or {})
@@ -132,7 +142,7 @@ class Service:
             r = render_chat(self.tokenizer, messages, lambda text: self.answers.lookup(tenant, text), marks)
         except ValueError as e:
             raise RequestError("messages", str(e).removeprefix("messages: ")) from None
-        return r.ids, r.own_answers, [(r.marks[mk], ttl) for mk, ttl in zip(marks, ttls)]
+        return r, messages, [(r.marks[mk], ttl) for mk, ttl in zip(marks, ttls)]
 
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, str):
@@ -159,9 +169,10 @@ class Service:
                 the model, a token id outside the vocabulary).
         """
         chat = isinstance(req, ChatRequest)
-        own, breakpoints = 0, []
+        own, breakpoints, rendered, messages = 0, [], None, None
         if chat:
-            ids, own, breakpoints = self.chat_prompt(req, tenant)
+            rendered, messages, breakpoints = self.chat_prompt(req, tenant)
+            ids, own = rendered.ids, rendered.own_answers
         else:
             ids = self.completion_prompt(req)
         max_new = (getattr(req, "max_completion_tokens", None) or req.max_tokens or self.default_max_tokens)
@@ -171,6 +182,8 @@ class Service:
                                       f"exceeds the model's context of {self.context} tokens")
         if on_start is not None:
             on_start()
+        lm = self.lm(tenant)
+        why = self._explain(tenant, lm, ids, rendered, messages, req) if req.explain_cache_miss else None
         sampler = Sampler(req.temperature, req.top_p, req.seed)
         stops = _Stops(self.tokenizer, req.stops())
         first: list[float] = []
@@ -188,8 +201,8 @@ class Service:
                     sent[0] = len(shown)
             return not (stops.stopped or job.cancelled)
 
-        lm = self.lm(tenant)
         c = lm.generate(ids, max_new, choose=sampler, on_token=on_token)
+        self._recent.setdefault(tenant, collections.deque(maxlen=self.RECENT)).append(ids + c.output_ids)
         text = stops.shown(final=True)
         if emit is not None and len(text) > sent[0]:
             emit(text[sent[0]:])
@@ -206,7 +219,34 @@ class Service:
             self.answers.remember(tenant, text, self._answer_ids(stops, text))
         now = time.perf_counter()
         return Outcome(text, reason, usage, (first[0] if first else now) - arrived, now - arrived, ids,
-                       c.output_ids, own)
+                       c.output_ids, own, why)
+
+    def _explain(self, tenant: str, lm: CachedLM, ids: list[int], rendered: Rendered | None,
+                 messages: list[dict] | None, req: ChatRequest | CompletionRequest) -> dict:
+        """Where this prompt parts from the longest prefix an earlier request of the tenant left
+        (its prompt and output, as stored): kvstore.explain's comparison, in short."""
+        earlier = max(self._recent.get(tenant, ()), key=lambda seq: _common(seq, ids), default=None)
+        if earlier is None:
+            return {"summary": "no earlier request of this tenant since the server started: nothing to "
+                               "compare with", "compared_with_tokens": 0}
+        if rendered is not None:
+            b = Prompt("this request", "chat", ids, rendered.text, rendered.offsets, messages,
+                       [Span(i, messages[i]["role"], "content", s, e) for i, s, e in rendered.spans])
+        elif isinstance(req.prompt, str):
+            enc = self.tokenizer(req.prompt, return_offsets_mapping=True)
+            b = Prompt("this request", "text", ids, req.prompt, [tuple(o) for o in enc["offset_mapping"]])
+        else:
+            b = Prompt("this request", "ids", ids)
+        a = Prompt("the earlier request (prompt and output)", "ids", list(earlier))
+        r = compare(a, b, lm.block_tokens, lm.namespace, context=2,
+                    decode=lambda t: self.tokenizer.decode([t]))
+        where = (r["chat"] or {}).get("where_b")
+        return {"summary": r["summary"], "compared_with_tokens": len(earlier),
+                "common_prefix_tokens": r["common_prefix_tokens"],
+                "first_different_token": r["first_different_token"],
+                "first_different_block": r["first_different_block"],
+                "stored_prefix_hit_tokens": r["b_after_a"]["hit_tokens"], "where": where}
+
 
     def _answer_ids(self, stops: _Stops, text: str) -> list[int]:
         """The generated ids that decode to exactly ``text`` (the end token is the template's to
@@ -232,3 +272,12 @@ class Service:
         except Exception as e:  # best effort, like every store call on the request path
             lm.fault("store", e)
         return pinned
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

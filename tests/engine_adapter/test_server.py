@@ -357,3 +357,25 @@ def test_load_eight_clients_mixing_the_scenarios(tmp_path, smollm2):
     assert not results["errors"] and not results["wrong"]
     assert results["ok"] >= 8 and results["hits"] > 0
     assert rss_end - rss_warm < 64 * 2**20
+
+
+def test_explain_cache_miss_names_the_message_and_field(client, smollm2):
+    """``explain_cache_miss``: where the prompt parts from the longest prefix an earlier request
+    stored (kvstore.explain's comparison), named as message and field."""
+    tok = smollm2[1]
+    system = "You answer questions about a briefing. " + DOC
+    base = [{"role": "system", "content": system}, {"role": "user", "content": "Which town has 9 bell towers?"}]
+    client.chat.completions.create(model=MODEL, messages=base, max_tokens=2, temperature=0)
+    cut = system.index("Harrowgate is")
+    changed = [{"role": "system", "content": system[:cut] + "Note: " + system[cut:]}, base[1]]
+    r = client.chat.completions.create(model=MODEL, messages=changed, max_tokens=2, temperature=0,
+                                       extra_body={"explain_cache_miss": True})
+    why = r.model_extra["cache_miss_explanation"]
+    a, b = chat_ids(tok, base), chat_ids(tok, changed)
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert why["first_different_token"] == first
+    assert why["where"]["message"] == 0 and why["where"]["field"] == "content" and why["where"]["in"] == "field"
+    assert why["where"]["offset"] <= cut <= why["where"]["offset"] + 8
+    assert r.usage.prompt_cache_hit_tokens == why["stored_prefix_hit_tokens"] == first // BT * BT > 0
+    plain = client.chat.completions.create(model=MODEL, messages=changed, max_tokens=2, temperature=0)
+    assert "cache_miss_explanation" not in (plain.model_extra or {})  # only when asked
