@@ -46,6 +46,17 @@ def test_only_the_collector_imports_prometheus_client():
             assert "kvstore.prometheus" not in first_party_imports(f), f.relative_to(ROOT)
 
 
+def test_the_http_stack_stays_in_the_server():
+    """engine_adapter/server.py is the HTTP side (FastAPI, uvicorn); request schemas are
+    api_schemas.py's (pydantic); the engine-side modules know nothing of HTTP."""
+    for f in files("engine_adapter"):
+        used = imports_of(f)
+        if f.name != "server.py":
+            assert not used & {"fastapi", "starlette", "uvicorn"}, f"{f.relative_to(ROOT)} imports {used}"
+        if f.name not in ("server.py", "api_schemas.py"):
+            assert "pydantic" not in used, f.relative_to(ROOT)
+
+
 def test_only_the_disk_tier_imports_lmdb():
     users = [f.relative_to(ROOT).as_posix() for f in files("kvstore") if "lmdb" in imports_of(f)]
     assert users == ["kvstore/tiers/disk/env.py"]
