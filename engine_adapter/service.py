@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ from .hf import CachedLM, Prices, model_fingerprint
 from .sampling import Sampler
 
 __all__ = ["Outcome", "RequestError", "Service"]
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -183,7 +186,13 @@ class Service:
         if on_start is not None:
             on_start()
         lm = self.lm(tenant)
-        why = self._explain(tenant, lm, ids, rendered, messages, req) if req.explain_cache_miss else None
+        why = None
+        if req.explain_cache_miss:
+            try:
+                why = self._explain(tenant, lm, ids, rendered, messages, req)
+            except Exception as e:  # an extra: its failure must not fail the request
+                log.exception("explain_cache_miss failed")
+                why = {"summary": f"no explanation: {type(e).__name__}: {e}", "compared_with_tokens": 0}
         sampler = Sampler(req.temperature, req.top_p, req.seed)
         stops = _Stops(self.tokenizer, req.stops())
         first: list[float] = []
