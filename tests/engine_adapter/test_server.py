@@ -82,8 +82,22 @@ def test_document_two_questions_hit_the_aligned_prefix(client, smollm2):
     assert r.usage.prompt_cache_hit_tokens >= 320  # the document, reused for the second question
 
 
+def test_few_shot_quiz_with_another_last_question_hits_the_examples(client, smollm2):
+    tok = smollm2[1]
+    earlier = []
+    for q in sc.FEW_SHOT_FINAL_QUESTIONS[:2]:
+        msgs = sc.few_shot_messages(q)
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
+        ids = chat_ids(tok, msgs)
+        assert r.usage.prompt_cache_hit_tokens == expected_hit(ids, earlier)
+        check_usage(r.usage)
+        earlier.append(ids)
+    assert r.usage.prompt_cache_hit_tokens >= 128
+
+
 def test_seeded_sampling_is_the_same_with_and_without_a_hit(client):
     msgs = sc.few_shot_messages("Name a large animal with a trunk.")
+    msgs[0] = {"role": "system", "content": msgs[0]["content"] + " Keep it short."}  # a prompt of its own
     kw = dict(model=MODEL, messages=msgs, max_tokens=24, temperature=1.0, top_p=0.95, seed=1234)
     cold = client.chat.completions.create(**kw)
     warm = client.chat.completions.create(**kw)
