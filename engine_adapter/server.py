@@ -209,7 +209,9 @@ def create_app(service: Service, tenants: Tenants, max_queue: int = 16) -> FastA
             ev, _ = await _next_event(request, events, job)
             if ev in ("start", "done", "gone"):
                 break
-        if ev != "start":
+        if ev == "gone":  # left while queued: the job is cancelled, nobody reads this
+            return _error(499, "the client closed the request", code="cancelled")
+        if ev == "done":  # refused on the engine thread (bad input) before it started
             return _finished(done, kind, req)
         return StreamingResponse(_sse(events, job, done, kind, req),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -185,6 +185,13 @@ def test_bad_input_is_400_naming_the_field(client, body, param):
     assert e.value.body["type"] == "invalid_request_error"
 
 
+def test_a_streamed_request_refused_on_the_engine_is_still_a_plain_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=10_000, stream=True)
+    assert e.value.body["param"] == "max_tokens" and "context of 8192 tokens" in e.value.body["message"]
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
