@@ -17,6 +17,14 @@ import urllib.request
 START_TIMEOUT_S = 300  # model load on a loaded 2-core machine
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies (a killed run leaves no server)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     """``with ServerProcess(store_dir, "--max-queue", "1") as s: s.url ...``"""
 
@@ -34,7 +42,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "engine_adapter.server", "--store", str(self.store),
                "--host", "127.0.0.1", "--port", "0", *self.args]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         found = threading.Event()
 
         def read() -> None:
