@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-all test-vllm soak mutants demo bench clean
+.PHONY: setup test test-all test-vllm soak mutants demo serve bench clean
 SOAK_SHORT_S ?= 150
 
 setup: $(STAMP)
@@ -54,6 +54,14 @@ test-vllm:
 
 demo: $(STAMP)
 	$(PY) -m engine_adapter.demo --store $(STORE)
+
+# The OpenAI/DeepSeek-compatible server on SmolLM2 (docs/server.md); SERVE_ARGS adds flags
+# such as --config FILE, --keys FILE, --model PATH.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_STORE ?= ./kvstore-serve
+serve: $(STAMP)
+	$(PY) -m engine_adapter.server --store $(SERVE_STORE) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m tools.bench tiers

@@ -1,5 +1,6 @@
-"""Generation for the transformers adapter: chunked prefill and a hand-written greedy decode
-loop that can resume from a cache rebuilt from blocks (kv_blocks.cache_from_blocks).
+"""Generation for the transformers adapter: chunked prefill and a hand-written decode loop
+(greedy, or any token chooser such as sampling.Sampler) that can resume from a cache rebuilt
+from blocks (kv_blocks.cache_from_blocks).
 
 Exactness: a cache rebuilt from blocks reproduces an uncached run bit for bit
 only if both runs prefill in the same absolute chunks (``prefill_chunk`` of
@@ -12,13 +13,18 @@ of the forward pass that computed it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["GenerationResult", "greedy_generate", "prefill"]
+__all__ = ["GenerationResult", "argmax", "default_eos_ids", "greedy_generate", "prefill"]
+
+
+def argmax(logits: torch.Tensor) -> int:
+    """Greedy choice; ties resolve to the lowest token id."""
+    return int(torch.argmax(logits))
 
 
 @dataclass
@@ -50,7 +56,7 @@ class GenerationResult:
     canonical_len: int
 
 
-def _default_eos_ids(model: PreTrainedModel) -> frozenset[int]:
+def default_eos_ids(model: PreTrainedModel) -> frozenset[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = model.config.eos_token_id
@@ -113,8 +119,12 @@ def greedy_generate(
     max_new_tokens: int = 32,
     eos_token_ids: Iterable[int] | None = None,
     prefill_chunk: int | None = None,
+    *,
+    choose: Callable[[torch.Tensor], int] = argmax,
+    on_token: Callable[[int], bool] | None = None,
 ) -> GenerationResult:
-    """Greedy-decode from ``input_ids``, optionally resuming from a cache of its prefix.
+    """Decode from ``input_ids`` (greedily by default), optionally resuming from a cache of its
+    prefix.
 
     Args:
         model: causal LM from :func:`load_model` (batch 1, CPU).
@@ -131,6 +141,11 @@ def greedy_generate(
         prefill_chunk: if set, prefill in forward passes that end on absolute
             multiples of this many tokens (``past_len`` must be one).  See
             exactness below.
+        choose: picks each token from the last position's logits (default
+            :func:`argmax`); a seeded sampler keeps the output a function of the
+            logits alone, so it stays exact with a rebuilt cache.
+        on_token: called with each chosen token; returning False stops decoding
+            after that token (a stop string, a client that went away).
 
     Only ``input_ids[past_len:]`` is prefilled, at positions ``past_len..``;
     decoding then feeds one token at a time.  Ties in argmax resolve to the
@@ -166,7 +181,7 @@ def greedy_generate(
         cache = past
     if not 0 <= past_len < len(input_ids):
         raise ValueError(f"past_len ({past_len}) must be in [0, len(input_ids)={len(input_ids)})")
-    stop = _default_eos_ids(model) if eos_token_ids is None else frozenset(eos_token_ids)
+    stop = default_eos_ids(model) if eos_token_ids is None else frozenset(eos_token_ids)
 
     if prefill_chunk is not None:
         if prefill_chunk <= 0:
@@ -177,14 +192,16 @@ def greedy_generate(
     with torch.inference_mode():
         logits = prefill(model, input_ids, past_len, cache, prefill_chunk)
         first_logits = logits.float().clone()
-        token = int(torch.argmax(logits))
+        token = choose(logits)
         ttft = time.perf_counter() - t0
         generated = [token]
+        go_on = on_token is None or on_token(token)
         pos = len(input_ids)
-        while len(generated) < max_new_tokens and token not in stop:
+        while go_on and len(generated) < max_new_tokens and token not in stop:
             logits = _forward_step(model, [token], pos, cache)
-            token = int(torch.argmax(logits))
+            token = choose(logits)
             generated.append(token)
+            go_on = on_token is None or on_token(token)
             pos += 1
 
     return GenerationResult(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ import xxhash
 from kvstore import KVStore, make_namespace
 from kvstore.codec import dtype_name
 
-from .generation import GenerationResult, greedy_generate, prefill
+from .generation import GenerationResult, argmax, greedy_generate, prefill
 from .kv_blocks import KVLayout, blocks_from_cache, cache_from_blocks
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,16 @@ class CachedLM:
                 raise ValueError(f"messages[{i}].content: expected a string, got "
                                  f"{type(m.get('content')).__name__}")
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64) -> Completion:
-        """Greedy completion of ``prompt_ids`` with prefix reuse (see the class docstring)."""
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, *,
+                 choose: Callable[[torch.Tensor], int] = argmax,
+                 on_token: Callable[[int], bool] | None = None) -> Completion:
+        """Completion of ``prompt_ids`` with prefix reuse (see the class docstring).
+
+        ``choose`` picks each token from its logits (greedy by default; a seeded
+        ``sampling.Sampler`` gives the same output with or without a hit); ``on_token`` sees
+        each token as it is chosen and stops decoding by returning False (see
+        ``generation.greedy_generate``).
+        """
         if not prompt_ids:
             raise ValueError("prompt_ids: expected at least one token")
         if max_new_tokens < 1:
@@ -177,7 +185,7 @@ class CachedLM:
         past = cache_from_blocks(blocks[:usable], self.layout, self.model.config) if usable else None
         t_lookup = time.perf_counter() - t0
         res = greedy_generate(self.model, prompt_ids, past, hit, max_new_tokens,
-                                       prefill_chunk=self.prefill_chunk)
+                              prefill_chunk=self.prefill_chunk, choose=choose, on_token=on_token)
         ttft = t_lookup + res.ttft_s
         self._save(prompt_ids, res, usable)
         n = len(prompt_ids)
@@ -200,7 +208,8 @@ class CachedLM:
         )
 
     # -- store side (best effort) ------------------------------------------------------------
-    def _fault(self, what: str, e: Exception) -> None:
+    def fault(self, what: str, e: Exception) -> None:
+        """Logs and counts a store fault that was served as a miss (``what``: the stage)."""
         log.warning("kvstore %s failed, served as a miss: %s: %s", what, type(e).__name__, e)
         if self.store is not None:
             self.store.metrics.add("adapter_faults", stage=what)
@@ -216,7 +225,7 @@ class CachedLM:
                                  f"the model needs {self.block_shape}")
             return blocks, m.tiers
         except Exception as e:  # best effort: a store fault never fails the request
-            self._fault("lookup", e)
+            self.fault("lookup", e)
             return [], ()
 
     def _save(self, prompt_ids: list[int], res: GenerationResult, start_block: int) -> None:
@@ -243,4 +252,4 @@ class CachedLM:
                                                 n_full - start_block, bt)
             self.store.put(all_ids[:n_full * bt], blocks, namespace=self.namespace, start_block=start_block)
         except Exception as e:  # best effort: the answer is already computed
-            self._fault("store", e)
+            self.fault("store", e)

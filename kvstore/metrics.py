@@ -25,6 +25,8 @@ EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
 DROP_REASONS = ("queue_full", "capacity", "no_space", "io_error", "error")
 FAULT_STAGES = ("lookup", "load", "store", "flush")
 BYPASS_REASONS = ("lora", "multimodal", "prompt_embeds")
+SERVER_ENDPOINTS = ("chat", "completions")
+SERVER_OUTCOMES = ("ok", "bad_request", "unauthorized", "not_found", "queue_full", "cancelled", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,20 @@ DECLARED: dict[str, Declared] = _declare(
     Declared("vllm_bypassed_requests", "counter",
              "Requests the vLLM connector neither loads nor stores (LoRA, multimodal, prompt "
              "embeddings), by reason.", "", {"reason": BYPASS_REASONS}),
+    Declared("server_requests", "counter",
+             "Requests the HTTP server answered, by endpoint and outcome.", "",
+             {"endpoint": SERVER_ENDPOINTS, "outcome": SERVER_OUTCOMES}),
+    Declared("server_prompt_tokens", "counter",
+             "Prompt tokens of the HTTP server's requests, by whether the cache supplied them.", "tokens",
+             {"cached": ("yes", "no")}),
+    Declared("server_completion_tokens", "counter", "Tokens the HTTP server generated.", "tokens"),
+    Declared("server_pinned_blocks", "counter", "Blocks pinned by requests' cache_control.", "blocks"),
+    Declared("server_ttft_seconds", "histogram",
+             "Seconds from a request's arrival (queueing included) to its first token.", "seconds",
+             {"endpoint": SERVER_ENDPOINTS}),
+    Declared("server_request_seconds", "histogram",
+             "Seconds from a request's arrival to its last token.", "seconds",
+             {"endpoint": SERVER_ENDPOINTS}),
     Declared("load_seconds", "histogram", "Seconds to load the hit blocks of one prompt.", "seconds"),
     Declared("put_seconds", "histogram",
              "Seconds a put holds the caller (RAM copies and queueing the slow writes).", "seconds"),

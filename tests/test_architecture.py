@@ -27,13 +27,34 @@ def files(package: str):
 
 
 @pytest.mark.parametrize("package, forbidden", [
-    ("kvstore", {"engine_adapter", "tools", "transformers", "vllm", "prometheus_client"}),
+    ("kvstore", {"engine_adapter", "tools", "transformers", "vllm", "fastapi", "uvicorn", "pydantic"}),
     ("engine_adapter", {"tools"}),
 ])
 def test_dependencies_flow_one_way(package, forbidden):
     for f in files(package):
         bad = imports_of(f) & forbidden
         assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
+def test_only_the_collector_imports_prometheus_client():
+    """kvstore/prometheus.py is the one mapping of the declared metrics to Prometheus, shared by
+    tools/exporter.py and the engine adapter's server; nothing else in kvstore imports it."""
+    users = [f.relative_to(ROOT).as_posix() for f in files("kvstore") if "prometheus_client" in imports_of(f)]
+    assert users == ["kvstore/prometheus.py"]
+    for f in files("kvstore"):
+        if f.name != "prometheus.py":
+            assert "kvstore.prometheus" not in first_party_imports(f), f.relative_to(ROOT)
+
+
+def test_the_http_stack_stays_in_the_server():
+    """engine_adapter/server.py is the HTTP side (FastAPI, uvicorn); request schemas are
+    api_schemas.py's (pydantic); the engine-side modules know nothing of HTTP."""
+    for f in files("engine_adapter"):
+        used = imports_of(f)
+        if f.name != "server.py":
+            assert not used & {"fastapi", "starlette", "uvicorn"}, f"{f.relative_to(ROOT)} imports {used}"
+        if f.name not in ("server.py", "api_schemas.py"):
+            assert "pydantic" not in used, f.relative_to(ROOT)
 
 
 def test_only_the_disk_tier_imports_lmdb():

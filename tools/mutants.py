@@ -184,6 +184,53 @@ MUTATIONS = (
           "dim=2).to(torch.bfloat16).to(layout.dtype)  # (2, H, T, D)"),),
         ("tests/engine_adapter/test_hf.py",), keyword="bit_identical", timeout_s=300),
     Mutation(
+        "server_own_answers_retokenized",
+        "the server feeds its own answers back as the ids it generated (turn N+1 hits turn N's answer)",
+        (("engine_adapter/chat_prompt.py", 'ids = own(content) if m["role"] == "assistant" else None',
+          "ids = None"),),
+        ("tests/engine_adapter/test_server.py",), keyword="own_answers"),
+    Mutation(
+        "server_sampling_unseeded",
+        "with a seed, sampled output with a cache hit equals output without one",
+        (("engine_adapter/sampling.py", "torch.multinomial(sorted_p, 1, generator=self._gen)",
+          "torch.multinomial(sorted_p, 1)"),
+         ("engine_adapter/sampling.py", "torch.multinomial(probs, 1, generator=self._gen)",
+          "torch.multinomial(probs, 1)")),
+        ("tests/engine_adapter/test_server.py",), keyword="seeded_sampling"),
+    Mutation(
+        "server_stream_usage_dropped",
+        "stream_options.include_usage gives the usage in the last chunk",
+        (("engine_adapter/server.py", "if req.stream_options is not None and req.stream_options.include_usage:",
+          "if False:"),),
+        ("tests/engine_adapter/test_server.py",), keyword="streaming"),
+    Mutation(
+        "server_tenant_salt_ignored",
+        "two tenants never share blocks",
+        (("engine_adapter/service.py", "tenant=tenant, prices=self.prices)", 'tenant="", prices=self.prices)'),),
+        ("tests/engine_adapter/test_server.py",), keyword="tenants"),
+    Mutation(
+        "server_unknown_key_accepted",
+        "with a key file, a request without a known key gets 401 and touches no cache",
+        (("engine_adapter/tenants.py", "                return salt\n        return None\n",
+          "                return salt\n        return \"\"\n"),),
+        ("tests/engine_adapter/test_server.py",), keyword="tenants"),
+    Mutation(
+        "server_queue_unbounded",
+        "a full request queue answers 429 at once",
+        (("engine_adapter/engine_loop.py", "if self._waiting >= self.max_queue:", "if False:"),),
+        ("tests/engine_adapter/test_server.py",), keyword="full_queue"),
+    Mutation(
+        "server_disconnect_ignored",
+        "a client disconnect cancels its generation",
+        (("engine_adapter/service.py", "return not (stops.stopped or job.cancelled)", "return not stops.stopped"),),
+        ("tests/engine_adapter/test_server.py",), keyword="full_queue"),
+    Mutation(
+        "server_cache_control_not_pinned",
+        "cache_control pins the prompt's blocks for the TTL (they survive eviction)",
+        (("engine_adapter/service.py", "self.store.pin(ids[:pos], ttl, namespace=lm.namespace)",
+          "self.store.pin(ids[:pos], 0, namespace=lm.namespace)"),),
+        ("tests/engine_adapter/test_server.py",), keyword="pins"),
+    Mutation(
         "connector_load_errors_not_reported",
         "vLLM recomputes blocks the connector could not load (never wrong KV)",
         (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",
