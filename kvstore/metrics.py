@@ -24,6 +24,8 @@ ANY = None  # a label whose values are open (tier names: a stack can have any ti
 EVICTION_REASONS = ("capacity", "ttl", "purge", "corrupt")
 DROP_REASONS = ("queue_full", "capacity", "no_space", "io_error", "error")
 FAULT_STAGES = ("lookup", "load", "store", "flush")
+REMOTE_ERRORS = ("timeout", "connection", "auth", "oom", "corrupt", "breaker_open", "other")
+REMOTE_OPS = ("contains", "get", "put", "touch", "pin", "delete", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,16 @@ DECLARED: dict[str, Declared] = _declare(
     Declared("vllm_load_failed_blocks", "counter",
              "Store blocks whose load failed in the vLLM connector (vLLM recomputes them).", "blocks"),
     Declared("vllm_stored_blocks", "counter", "Store blocks the vLLM connector saved.", "blocks"),
+    Declared("remote_hits", "counter", "Blocks the remote tier served.", "blocks", _TIER),
+    Declared("remote_misses", "counter", "Blocks asked of the remote tier that it could not serve.",
+             "blocks", _TIER),
+    Declared("remote_errors", "counter",
+             "Remote tier faults, each a miss or a dropped write (breaker_open: not asked).", "",
+             {"tier": ANY, "reason": REMOTE_ERRORS}),
+    Declared("remote_bytes", "counter", "Record bytes sent to (out) and received from (in) the server.",
+             "bytes", {"tier": ANY, "direction": ("in", "out")}),
+    Declared("remote_round_trip_seconds", "histogram", "Seconds per pipelined round trip to the server.",
+             "seconds", {"op": REMOTE_OPS}),
     Declared("load_seconds", "histogram", "Seconds to load the hit blocks of one prompt.", "seconds"),
     Declared("put_seconds", "histogram",
              "Seconds a put holds the caller (RAM copies and queueing the slow writes).", "seconds"),
