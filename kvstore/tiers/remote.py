@@ -89,7 +89,7 @@ def _reason(e: Exception) -> str:
         return "timeout"
     if isinstance(e, (redis.ConnectionError, OSError)):
         return "connection"
-    if "OOM" in str(e):
+    if isinstance(e, redis.exceptions.OutOfMemoryError) or str(e).startswith("OOM"):
         return "oom"
     return "other"
 
