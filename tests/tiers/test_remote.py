@@ -73,13 +73,17 @@ def test_two_machines_share_prefixes_bit_exact_and_the_second_starts_warm(tmp_pa
 
 def test_tenants_with_other_salts_never_read_each_others_blocks(tmp_path, server):
     ns1, ns2 = (make_namespace("m", "layout", "bfloat16", tenant_salt=s) for s in ("t1", "t2"))
-    machine(tmp_path, "a", server.url, "put", ns1, 6, 3)
-    other = machine(tmp_path, "b", server.url, "get", ns2, 6, 3)
-    assert other["tiers"] == [] and other["digests"] == []
-    same_tenant = machine(tmp_path, "c", server.url, "get", ns1, 6, 3)
-    assert same_tenant["tiers"] == ["remote"] * 3
+    tokens, bs = prompt(6, 3), blocks(6, 3)
+    with open_remote(tmp_path, "a", server.url) as a:
+        a.put(tokens, bs, namespace=ns1)
+        assert a.flush()
+    with open_remote(tmp_path, "b", server.url) as b:  # another machine, another tenant
+        assert b.match(tokens, namespace=ns2).num_blocks == 0
+        m = b.match(tokens, namespace=ns1)
+        assert m.tiers == ("remote",) * 3 and all(same(x, y) for x, y in zip(b.get(m), bs))
 
 
+@pytest.mark.heavy
 def test_a_three_shard_cluster_spreads_one_prompt_and_serves_it(tmp_path):
     with ValkeyCluster(3) as cluster:
         a = machine(tmp_path, "a", cluster.url, "put", "ns", 7, 12)
