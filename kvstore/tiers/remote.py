@@ -228,6 +228,10 @@ class RemoteTier:
                 self.last_error = _reason(e)
                 wait = min(2 * wait, BACKOFF_S[1])
 
+    def status(self) -> dict:
+        """The server (password redacted), whether it answers now, and the last fault seen."""
+        return {"server": self.server, "reachable": self.reachable, "last_error": self.last_error}
+
     def _k(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
 

@@ -215,3 +215,25 @@ def test_an_unreachable_server_at_open_costs_misses_only(tmp_path):
         assert a.flush()
         assert a.match(tokens).tiers == ("host",) * 3
         assert errors(a, "breaker_open") >= 1
+
+
+# -- operations -----------------------------------------------------------------------------------
+def test_stats_shows_the_remote_tier_and_purge_reaches_it(tmp_path, server, kv, monkeypatch):
+    keep, gone = (make_namespace("m", "layout", "bfloat16", tenant_salt=s) for s in ("keep", "gone"))
+    with open_remote(tmp_path, "a", server.url) as a:
+        a.put(prompt(1, 3), blocks(1, 3), namespace=keep)
+        a.put(prompt(2, 2), blocks(2, 2), namespace=gone)
+        assert a.flush()
+        a.match(prompt(1, 3), namespace=keep)
+    monkeypatch.setenv("KVSTORE_REMOTE_URL", server.url.replace("redis://", "redis://default:pw@"))
+    code, data, _ = kv("stats", "--path", tmp_path / "a", "--json")
+    assert code == 0, data
+    r = data["tiers"]["remote"]
+    assert r["entries"] == 5 and r["reachable"] and "pw@" not in r["server"] and "***" in r["server"]
+    code, text, _ = kv("stats", "--path", tmp_path / "a")
+    assert "remote tier" in text and "5 blocks" in text and "reachable" in text
+    code, _, _ = kv("purge", "--path", tmp_path / "a", "--namespace", gone)
+    assert code == 0
+    with open_remote(tmp_path, "b", server.url) as b:  # another machine sees the purge
+        assert b.match(prompt(2, 2), namespace=gone).num_blocks == 0
+        assert b.match(prompt(1, 3), namespace=keep).tiers == ("remote",) * 3
