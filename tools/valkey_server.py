@@ -95,6 +95,7 @@ class ValkeyServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password, self.cluster, self.extra = password, cluster, tuple(extra)
+        self.bus_port = free_port() if cluster else 0
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -108,7 +109,9 @@ class ValkeyServer:
         if self.password:
             args += ["--requirepass", self.password]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
+            # The bus port defaults to port + 10000, past 65535 for a high free port: pick one.
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
+                     "--cluster-port", str(self.bus_port)]
         args += list(self.extra)
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -189,7 +192,7 @@ class ValkeyCluster:
                 hi = 16383 if i == len(self.nodes) - 1 else (i + 1) * per - 1
                 n.command("CLUSTER", "ADDSLOTSRANGE", i * per, hi)
             for n in self.nodes[1:]:
-                n.command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+                n.command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
                 if time.monotonic() > deadline:

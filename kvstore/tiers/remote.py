@@ -140,8 +140,9 @@ class RemoteTier:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.last_error = ""
-        self.client = self._connect()
+        self.client = None  # a cluster client asks its seeds for the slot map when built
         try:
+            self.client = self._connect()
             self.client.ping()
             self._up.set()
         except Exception as e:  # unreachable at open: start disconnected, keep trying
@@ -162,7 +163,7 @@ class RemoteTier:
                                            urllib.parse.urlsplit(u).port or 6379) for u in seeds],
                 username=first.username, password=self._password or first.password,
                 ssl=first.scheme == "rediss", require_full_coverage=False,
-                cluster_error_retry_attempts=0, max_connections=self._pool_size, **common)
+                max_connections=self._pool_size, **common)
         kw = dict(common, max_connections=self._pool_size)
         if self._password:
             kw["password"] = self._password
@@ -221,6 +222,8 @@ class RemoteTier:
             if self._stop.is_set():
                 return
             try:
+                if self.client is None:
+                    self.client = self._connect()
                 self.client.ping()
                 self._up.set()
                 log.info("kvstore remote tier %s reachable again", self.server)
@@ -420,7 +423,8 @@ class RemoteTier:
         self._wake.set()
         self._thread.join(2 * self.timeout_s + BACKOFF_S[1])
         self.flush()
-        try:
-            self.client.close()
-        except Exception:
-            pass
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass

@@ -237,3 +237,20 @@ def test_stats_shows_the_remote_tier_and_purge_reaches_it(tmp_path, server, kv, 
     with open_remote(tmp_path, "b", server.url) as b:  # another machine sees the purge
         assert b.match(prompt(2, 2), namespace=gone).num_blocks == 0
         assert b.match(prompt(1, 3), namespace=keep).tiers == ("remote",) * 3
+
+
+@pytest.mark.heavy
+def test_a_cluster_unreachable_at_open_starts_disconnected_and_joins_later(tmp_path):
+    from tools.valkey_server import free_port
+    cluster = ValkeyCluster(3)
+    for node in cluster.nodes:
+        node.port = free_port()
+    with open_remote(tmp_path, "a", cluster.url) as a:  # nothing listens yet
+        assert not a.tier("remote").reachable
+        assert a.match(prompt(9, 2)).num_blocks == 0
+        with cluster:
+            wait_until(lambda: a.tier("remote").reachable, "the tier joins the cluster")
+            a.put(prompt(9, 2), blocks(9, 2))
+            assert a.flush()
+            with open_remote(tmp_path, "b", cluster.url) as b:
+                assert b.match(prompt(9, 2)).tiers == ("remote",) * 2
