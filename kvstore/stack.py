@@ -65,5 +65,5 @@ def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) ->
         from .tiers.remote import RemoteTier  # only a store with a remote tier imports the client
         codec = Codec(config.compression, config.zstd_level, config.byte_split)
         tiers.append(RemoteTier(config.remote_url, config.remote_ttl_s, config.remote_timeout_s,
-                                codec, metrics))
+                                codec, metrics, encode_threads=config.io_threads))
     return Stack(config, tiers, ledger)

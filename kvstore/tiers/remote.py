@@ -17,6 +17,7 @@ checksum is a counted miss and is deleted. Last-access times of hits are sent in
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -113,6 +114,8 @@ class RemoteTier:
         metrics: sink for hits, misses, errors, round trips, bytes.
         password: overrides the URL's; default ``$KVSTORE_REMOTE_PASSWORD``.
         prefix: what every key of this tier starts with.
+        pool_size: most connections open at once.
+        encode_threads: threads compressing one write batch.
 
     Never raises for the server's faults; an unreachable server at open starts disconnected.
     """
@@ -124,7 +127,7 @@ class RemoteTier:
 
     def __init__(self, url: str, ttl_s: float, timeout_s: float, codec: Codec,
                  metrics: Metrics | None = None, password: str | None = None,
-                 prefix: str = PREFIX, pool_size: int = 8):
+                 prefix: str = PREFIX, pool_size: int = 8, encode_threads: int = 2):
         self.url = parse_url(url)
         if not url:
             raise ConfigError("remote_url: expected a server URL, got ''")
@@ -147,6 +150,8 @@ class RemoteTier:
             self._up.set()
         except Exception as e:  # unreachable at open: start disconnected, keep trying
             self._failed(e)
+        self._encoders = concurrent.futures.ThreadPoolExecutor(encode_threads,
+                                                               thread_name_prefix="kvstore-remote-enc")
         self._thread = threading.Thread(target=self._background, name="kvstore-remote", daemon=True)
         self._thread.start()
 
@@ -337,7 +342,11 @@ class RemoteTier:
         a fault drops the batch (counted)."""
         if not entries:
             return []
-        records = [e.record if e.record is not None else self.codec.encode(e.block) for e in entries]
+        todo = [e.block for e in entries if e.record is None]
+        # zstd releases the GIL: encode on every core while the pipeline is built.
+        encoded = iter(list(self._encoders.map(self.codec.encode, todo)) if len(todo) > 1
+                       else [self.codec.encode(b) for b in todo])
+        records = [e.record if e.record is not None else next(encoded) for e in entries]
         expiry = max(1, int(self.ttl_s + 0.999))
 
         def build(pipe):
@@ -423,6 +432,7 @@ class RemoteTier:
         self._wake.set()
         self._thread.join(2 * self.timeout_s + BACKOFF_S[1])
         self.flush()
+        self._encoders.shutdown(wait=True)
         if self.client is not None:
             try:
                 self.client.close()
