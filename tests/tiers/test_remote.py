@@ -254,3 +254,20 @@ def test_a_cluster_unreachable_at_open_starts_disconnected_and_joins_later(tmp_p
             assert a.flush()
             with open_remote(tmp_path, "b", cluster.url) as b:
                 assert b.match(prompt(9, 2)).tiers == ("remote",) * 2
+
+
+def test_a_fresh_store_that_declares_its_layout_loads_what_others_stored(tmp_path, server):
+    tokens, bs = prompt(12, 3), blocks(12, 3)
+    with open_remote(tmp_path, "a", server.url) as a:
+        a.put(tokens, bs)
+        assert a.flush()
+    cfg = StoreConfig(path=tmp_path / "b", block_tokens=BLOCK_TOKENS, host_bytes=64 * block_nbytes(),
+                      disk_bytes=1 << 22, remote_url=server.url)  # no layout in its config
+    with KVStore.open(cfg) as b:
+        m = b.match(tokens)
+        assert m.tiers == ("remote",) * 3 and b.get(m) == []  # no layout: nothing to decode into
+        b.declare_layout(SHAPE, torch.bfloat16)
+        got = b.get(b.match(tokens))
+        assert len(got) == 3 and all(same(x, y) for x, y in zip(got, bs))
+        with pytest.raises(ValueError, match="expected shape"):
+            b.declare_layout((1, 2), torch.bfloat16)
