@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-all test-vllm soak mutants demo serve bench clean
+.PHONY: setup test test-all test-vllm soak mutants demo serve bench bench-remote valkey clean
 SOAK_SHORT_S ?= 150
 
 setup: $(STAMP)
@@ -65,6 +65,13 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tools.bench tiers
+
+bench-remote: $(STAMP)
+	$(PY) -m tools.bench remote
+
+# A valkey-server on a free loopback port until Enter (for the demo: KVSTORE_REMOTE_URL=<url>).
+valkey: $(STAMP)
+	$(PY) -c "from tools.valkey_server import ValkeyServer; s = ValkeyServer().start(); print(s.url, flush=True); input('Enter stops it\n'); s.stop()"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

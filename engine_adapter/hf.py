@@ -121,6 +121,10 @@ class CachedLM:
                 f"holds shape {store.block_shape} and dtype {dtype_name(store.dtype)}: use another "
                 f"store path or a matching model"
             )
+        if store is not None and store.block_shape is None:
+            # A fresh store learns the layout now, not at its first put: blocks other machines
+            # stored (the remote tier) load from the first request on.
+            store.declare_layout(self.block_shape, self.layout.dtype)
 
     # -- requests ---------------------------------------------------------------------------
     def complete(self, prompt: str, max_new_tokens: int = 64) -> Completion:

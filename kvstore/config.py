@@ -122,6 +122,28 @@ def _parse_shape(value: Any, key: str) -> tuple[int, ...]:
     return dims
 
 
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def parse_url(value: Any, key: str = "remote_url") -> str:
+    """Each comma-separated seed must be redis://host:port, rediss://... or unix:///path."""
+    import urllib.parse
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a URL string, got {type(value).__name__}")
+    for u in filter(None, (s.strip() for s in value.split(","))):
+        p = urllib.parse.urlsplit(u)
+        try:
+            port_ok = p.port is not None or True  # a port, if given, must be a number
+        except ValueError:
+            port_ok = False
+        ok = port_ok and ((p.scheme in ("redis", "rediss") and p.hostname) or (p.scheme == "unix" and p.path))
+        if not ok:
+            shown = u if p.password is None else u.replace(p.password, "***")
+            raise ConfigError(f"{key}: expected {', '.join(s + '...' for s in _URL_SCHEMES)} or a "
+                              f"comma-separated list of redis:// cluster seeds, got {shown!r}")
+    return value.strip()
+
+
 def _parse_device(value: Any) -> str:
     text = str(value).strip().lower()
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text):
@@ -149,6 +171,11 @@ class StoreConfig:
         compression: ``"zstd"`` or ``"none"`` for disk records.
         zstd_level: zstd level (1 is the measured sweet spot: higher levels gain nothing on KV).
         byte_split: split 16/32-bit values into byte planes before compressing.
+        remote_url: the shared remote tier's server (``redis://``, ``rediss://``, ``unix://``,
+            or comma-separated cluster seeds); empty (the default): no remote tier. A password
+            goes in the URL or ``$KVSTORE_REMOTE_PASSWORD``.
+        remote_ttl_s: idle time after which the server drops a block (refreshed on a hit).
+        remote_timeout_s: the most a request waits on the remote server.
         block_shape / dtype: the layout of every block; when None they are fixed by the first
             block the store sees.
 
@@ -172,6 +199,9 @@ class StoreConfig:
     byte_split: bool | None = None
     write_queue_bytes: int = 256 << 20
     io_threads: int = 2
+    remote_url: str = ""
+    remote_ttl_s: float = 86400.0
+    remote_timeout_s: float = 0.15
     block_shape: tuple[int, ...] | None = None
     dtype: str | None = None
     # The stored settings (STORED_DEFAULTS' keys, block_shape, dtype) this config names itself;
@@ -204,10 +234,19 @@ class StoreConfig:
             "byte_split": _parse_bool(self.byte_split, "byte_split"),
             "write_queue_bytes": parse_size(self.write_queue_bytes, "write_queue_bytes"),
             "io_threads": _parse_int(self.io_threads, "io_threads", 1, 64),
+            "remote_url": parse_url(self.remote_url),
+            "remote_ttl_s": parse_duration(self.remote_ttl_s, "remote_ttl_s"),
+            "remote_timeout_s": parse_duration(self.remote_timeout_s, "remote_timeout_s"),
             "block_shape": None if self.block_shape is None
             else _parse_shape(self.block_shape, "block_shape"),
             "dtype": None if self.dtype is None else _parse_choice(str(self.dtype), "dtype", DTYPES),
         }
+        if norm["remote_timeout_s"] <= 0 or norm["remote_timeout_s"] > 60:
+            raise ConfigError(f"remote_timeout_s: expected a duration in (0, 60] seconds, got "
+                              f"{self.remote_timeout_s!r}")
+        if norm["remote_url"] and norm["remote_ttl_s"] < 1:
+            raise ConfigError(f"remote_ttl_s: expected at least 1 second (the server's expiry), "
+                              f"got {self.remote_ttl_s!r}")
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ConfigError(f"namespace: expected a non-empty string, got {self.namespace!r}")
         for key, value in norm.items():

@@ -27,6 +27,8 @@ FAULT_STAGES = ("lookup", "load", "store", "flush")
 BYPASS_REASONS = ("lora", "multimodal", "prompt_embeds")
 SERVER_ENDPOINTS = ("chat", "completions")
 SERVER_OUTCOMES = ("ok", "bad_request", "unauthorized", "not_found", "queue_full", "cancelled", "error")
+REMOTE_ERRORS = ("timeout", "connection", "auth", "oom", "corrupt", "breaker_open", "other")
+REMOTE_OPS = ("contains", "get", "put", "touch", "pin", "delete", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,16 @@ DECLARED: dict[str, Declared] = _declare(
     Declared("server_request_seconds", "histogram",
              "Seconds from a request's arrival to its last token.", "seconds",
              {"endpoint": SERVER_ENDPOINTS}),
+    Declared("remote_hits", "counter", "Blocks the remote tier served.", "blocks", _TIER),
+    Declared("remote_misses", "counter", "Blocks asked of the remote tier that it could not serve.",
+             "blocks", _TIER),
+    Declared("remote_errors", "counter",
+             "Remote tier faults, each a miss or a dropped write (breaker_open: not asked).", "",
+             {"tier": ANY, "reason": REMOTE_ERRORS}),
+    Declared("remote_bytes", "counter", "Record bytes sent to (out) and received from (in) the server.",
+             "bytes", {"tier": ANY, "direction": ("in", "out")}),
+    Declared("remote_round_trip_seconds", "histogram", "Seconds per pipelined round trip to the server.",
+             "seconds", {"op": REMOTE_OPS}),
     Declared("load_seconds", "histogram", "Seconds to load the hit blocks of one prompt.", "seconds"),
     Declared("put_seconds", "histogram",
              "Seconds a put holds the caller (RAM copies and queueing the slow writes).", "seconds"),

@@ -1,4 +1,5 @@
-"""The default tier stack a store opens from its config: device -> host -> disk.
+"""The default tier stack a store opens from its config: device -> host -> disk -> remote
+(when ``remote_url`` is set).
 
 The only module besides the tiers themselves that names concrete tiers: the store loops over
 whatever list it is given (``KVStore(config, tiers=..., ledger=...)`` injects another).
@@ -28,7 +29,7 @@ class Stack:
 def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) -> Stack:
     """Opens the tiers ``config`` enables, with the settings stored in the store.
 
-    Read-only: no RAM tiers, nothing created or written.
+    Read-only: no RAM tiers, nothing created or written (the remote tier is read).
 
     Raises:
         StoreOpenError, IncompatibleFormatError: from the disk tier.
@@ -60,4 +61,9 @@ def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) ->
     if env is not None:
         codec = Codec(config.compression, config.zstd_level, config.byte_split)
         tiers.append(DiskTier(None, config.disk_bytes, config.disk_ttl_s, codec, metrics, env=env))
+    if config.remote_url:  # read-only too: tools show and purge what the fleet shares
+        from .tiers.remote import RemoteTier  # only a store with a remote tier imports the client
+        codec = Codec(config.compression, config.zstd_level, config.byte_split)
+        tiers.append(RemoteTier(config.remote_url, config.remote_ttl_s, config.remote_timeout_s,
+                                codec, metrics, encode_threads=config.io_threads))
     return Stack(config, tiers, ledger)

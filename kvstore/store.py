@@ -262,6 +262,17 @@ class KVStore:
                     self.ledger.save_settings(settings.layout_settings(shape, dtype_name(dtype)))
             self.block_shape, self.dtype = shape, dtype
 
+    def declare_layout(self, block_shape: Sequence[int], dtype: torch.dtype) -> None:
+        """Fixes the block layout before the first ``put``, as an engine that knows it does: a
+        store with an empty disk can then load blocks that other machines stored (the remote
+        tier's records). A no-op when the store already has this layout.
+
+        Raises:
+            ValueError: the store (or its config) holds another layout, or an unstorable dtype.
+        """
+        self._check_open()
+        self._check_blocks([torch.empty(tuple(block_shape), dtype=dtype, device="meta")])
+
     def _learn_layout(self) -> None:
         """Fixes the layout another process stored since this one opened the store."""
         s = self.ledger.settings()

@@ -62,6 +62,11 @@ def test_only_the_disk_tier_imports_lmdb():
     assert users == ["kvstore/tiers/disk/env.py"]
 
 
+def test_only_the_remote_tier_imports_the_redis_client():
+    users = [f.relative_to(ROOT).as_posix() for f in files("kvstore") if "redis" in imports_of(f)]
+    assert users == ["kvstore/tiers/remote.py"]
+
+
 def test_no_utils_modules():
     for package in ("kvstore", "engine_adapter", "tools"):
         assert not [f for f in files(package) if f.stem in ("utils", "helpers", "misc")]

@@ -42,6 +42,11 @@ def test_durations(text, expect):
     ("block_shape", "a,b", "block_shape"),
     ("namespace", "", "namespace"),
     ("byte_split", "maybe", "byte_split"),
+    ("remote_url", "http://cache:6379", "remote_url: expected redis://"),
+    ("remote_url", "redis://:hunter2@cache:notaport", "remote_url: expected redis://"),
+    ("remote_url", 6379, "remote_url: expected a URL string"),
+    ("remote_timeout_s", 0, "remote_timeout_s: expected a duration in (0, 60]"),
+    ("remote_timeout_s", "soon", "remote_timeout_s: expected a duration"),
 ])
 def test_bad_values_name_the_key(tmp_path, key, value, fragment):
     with pytest.raises(ConfigError) as e:
@@ -96,3 +101,15 @@ def test_random_config_values_only_raise_config_error(tmp_path_factory, values):
     for k, v in values.items():  # no silent fallback to a default: a whole number given is kept
         if isinstance(v, int) and not isinstance(v, bool) and isinstance(getattr(c, k), int):
             assert getattr(c, k) == v, (k, v, getattr(c, k))
+
+
+def test_a_bad_remote_url_is_refused_without_echoing_its_password(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        StoreConfig(path=tmp_path, remote_url="redis://u:hunter2@cache:notaport")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["", "redis://127.0.0.1:6379", "rediss://u:p@cache.example:6380/0",
+                                 "unix:///run/valkey.sock", "redis://a:7000,redis://b:7001"])
+def test_remote_urls_accepted(tmp_path, url):
+    assert StoreConfig(path=tmp_path, remote_url=url).remote_url == url

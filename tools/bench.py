@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tools.bench {tiers,pipeline,ttft,vllm} [--json] [--quick]``.
+"""Benchmarks: ``python -m tools.bench {tiers,pipeline,ttft,vllm,remote} [--json] [--quick]``.
 
 Every figure is printed beside the machine's own limit measured in the same run (numpy copies
 into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
@@ -29,7 +29,7 @@ from kvstore.tiers.base import BlockEntry
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.slab import SlabTier
 
-from . import bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
+from . import bench_remote, bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
 
 MiB = 1 << 20
 
@@ -398,6 +398,13 @@ def print_pipeline(r: dict) -> None:
     print(f"  prefetch {p['prefetch_GBps']:.2f} GB/s, then get {p['get_after_prefetch_GBps']:.2f} GB/s (RAM copies only)")
 
 
+def cmd_remote(args) -> dict:
+    n = 16 if args.quick else 64
+    print(f"computing real KV of SmolLM2-135M ({n} blocks of 64 tokens)...", file=sys.stderr)
+    blocks = [b.to(torch.bfloat16) for b in real_kv(torch.float32, n)]
+    return bench_remote.run(blocks, 64, requests=50 if args.quick else 200)
+
+
 def cmd_vllm(args) -> dict:
     import importlib.util
     if importlib.util.find_spec("vllm") is None:  # not imported here: vLLM reads env at import
@@ -410,7 +417,8 @@ def print_vllm(r: dict) -> None:
 
 
 COMMANDS = {"tiers": (cmd_tiers, print_tiers), "ttft": (cmd_ttft, print_ttft),
-            "pipeline": (cmd_pipeline, print_pipeline), "vllm": (cmd_vllm, print_vllm)}
+            "pipeline": (cmd_pipeline, print_pipeline), "vllm": (cmd_vllm, print_vllm),
+            "remote": (cmd_remote, bench_remote.show)}
 
 
 def main(argv: list[str] | None = None) -> int:

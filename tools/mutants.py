@@ -231,6 +231,25 @@ MUTATIONS = (
           "self.store.pin(ids[:pos], 0, namespace=lm.namespace)"),),
         ("tests/engine_adapter/test_server.py",), keyword="pins"),
     Mutation(
+        "remote_breaker_never_opens",
+        "a dead or stalled remote server costs at most one timeout, then nothing per request",
+        (("kvstore/tiers/remote.py", "        if reason in _BREAKING and self._up.is_set():",
+          "        if False:"),),
+        ("tests/tiers/test_remote.py",), keyword="stalled"),
+    Mutation(
+        "remote_record_not_verified",
+        "a remote record is verified before use; a bad one is a counted miss, deleted",
+        (("kvstore/tiers/remote.py", "                    self.codec.decode(rec, out)\n",
+          "                    out.view(-1).view(torch.uint8).numpy()[:] = 0\n"),),
+        ("tests/tiers/test_tier_contract.py",), keyword="damaged and remote"),
+    Mutation(
+        "remote_purge_does_not_reach_the_server",
+        "kvstore purge removes the selected blocks from the remote tier too",
+        (("kvstore/tiers/remote.py",
+          '        return self._remove([(k, m) for k, m in self.entries() if select(k, m)], "purge")',
+          "        return []"),),
+        ("tests/tiers/test_remote.py",), keyword="purge"),
+    Mutation(
         "connector_load_errors_not_reported",
         "vLLM recomputes blocks the connector could not load (never wrong KV)",
         (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",

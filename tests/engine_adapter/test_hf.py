@@ -219,3 +219,24 @@ def test_a_closed_store_is_a_miss_not_a_failure(tiny, store):
     store.close()
     c = lm.complete("some words " * 40, max_new_tokens=2)
     assert c.usage["prompt_cache_hit_tokens"] == 0 and len(c.output_ids) == 2
+
+
+@pytest.mark.engine
+@pytest.mark.heavy
+def test_a_second_machine_answers_from_the_remote_tier_with_the_same_output(smollm2, tmp_path):
+    from tools.valkey_server import ValkeyServer
+    model, tok = smollm2
+    prompt = HALF_DOC[:3000] + "\n\nIn one word:"
+    with ValkeyServer() as server:
+        def machine(name):
+            return KVStore.open(StoreConfig(path=tmp_path / name, host_bytes="256MiB",
+                                            disk_bytes="1GiB", remote_url=server.url,
+                                            remote_timeout_s=2.0))
+        with machine("a") as a:
+            first = CachedLM(model, tok, a).complete(prompt, max_new_tokens=8)
+            assert a.flush()
+        with machine("b") as b:  # empty disk, empty RAM: only Valkey is shared
+            second = CachedLM(model, tok, b).complete(prompt, max_new_tokens=8)
+            assert second.usage["prompt_cache_hit_tokens"] >= 448
+            assert b.metrics.value("hit_tokens", tier="remote") == second.usage["prompt_cache_hit_tokens"]
+    assert second.output_ids == first.output_ids

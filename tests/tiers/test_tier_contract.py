@@ -23,6 +23,7 @@ from kvstore.eviction import EntryMeta
 from kvstore.metrics import Metrics
 from kvstore.tiers.base import BlockEntry, Evicted, Tier
 from kvstore.tiers.disk import DiskTier, entry_cost
+from kvstore.tiers.remote import RemoteTier
 from kvstore.tiers.slab import SlabTier
 
 from ..conftest import SHAPE, FakeClock, block_nbytes, make_block
@@ -70,6 +71,25 @@ def _damage_disk_record(tier: DiskTier, key: bytes, kind: str) -> None:
         tier.env.write(txn_fn)
 
 
+def _remote(path: Path, n: int, ttl_s: float, dtype: torch.dtype, server=None) -> RemoteTier:
+    # A key prefix of its own: every tier sees an empty server.
+    tier = RemoteTier(server.url, ttl_s, 1.0, Codec(), Metrics(), prefix=f"test:{path.parent.name}:{path.name}:")
+    tier.configure(SHAPE, dtype)
+    return tier
+
+
+def _damage_remote_record(tier: RemoteTier, key: bytes, kind: str) -> None:
+    name = tier._k(key)
+    rec = bytearray(tier.client.hget(name, "r"))
+    if kind == "garbage":
+        rec = bytearray(b"not a record at all")
+    elif kind == "flipped_bit":
+        rec[-1] ^= 0x01
+    elif kind == "truncated":
+        rec = rec[:len(rec) // 2]
+    tier.client.hset(name, "r", bytes(rec))
+
+
 def _reference(path: Path, n: int, ttl_s: float, dtype: torch.dtype) -> ReferenceTier:
     tier = ReferenceTier(n, ttl_s)
     tier.configure(SHAPE, dtype)
@@ -83,6 +103,10 @@ class TierFactory:
     holds_tensors: bool  # Evicted.block is the victim's data during on_evict
     # Damages a stored record (tier, key, kind); None for tiers that store no encoded records.
     damage: Callable[[Tier, bytes, str], None] | None = None
+    # The tier keeps its own block budget and LRU order (the remote tier leaves both to the
+    # server's maxmemory policy and expiry: tests/tiers/test_remote.py covers that).
+    own_budget: bool = True
+    needs_server: bool = False  # make() takes server= (the session's valkey-server)
 
     @property
     def stores_records(self) -> bool:
@@ -93,17 +117,22 @@ FACTORIES = [
     TierFactory("slab-cpu", _slab, holds_tensors=True),
     TierFactory("disk", _disk, holds_tensors=False, damage=_damage_disk_record),
     TierFactory("reference", _reference, holds_tensors=True),
+    TierFactory("remote", _remote, holds_tensors=False, damage=_damage_remote_record,
+                own_budget=False, needs_server=True),
 ]
 pytestmark = pytest.mark.parametrize("factory", FACTORIES, ids=[f.id for f in FACTORIES])
 
 
 @pytest.fixture
-def make_tier(tmp_path):
+def make_tier(tmp_path, request):
     """``make_tier(factory, n=N, ttl_s=TTL, dtype=BF16)``: a fresh tier, closed afterwards."""
     opened = []
 
     def _make(factory: TierFactory, n: int = N, ttl_s: float = TTL, dtype: torch.dtype = BF16) -> Tier:
-        tier = factory.make(tmp_path / f"tier{len(opened)}", n, ttl_s, dtype)
+        if not factory.own_budget and request.node.get_closest_marker("budget"):
+            pytest.skip(f"{factory.id}: the server owns the budget and the eviction order")
+        extra = {"server": request.getfixturevalue("valkey")} if factory.needs_server else {}
+        tier = factory.make(tmp_path / f"tier{len(opened)}", n, ttl_s, dtype, **extra)
         opened.append(tier)
         return tier
     yield _make
@@ -158,6 +187,7 @@ def assert_chains_reachable(tier: Tier) -> None:
 
 
 MISSING = key(999, 0)
+BUDGET = pytest.mark.budget  # relies on the tier's own budget and LRU order
 
 
 # -- the protocol ---------------------------------------------------------------------------------
@@ -216,6 +246,7 @@ def test_stop_at_miss_ends_the_list_at_the_first_miss(factory, make_tier):
 
 
 # -- budgets --------------------------------------------------------------------------------------
+@BUDGET
 def test_one_batch_larger_than_the_budget_stores_what_fits(factory, make_tier):
     tier = make_tier(factory)
     es = roots(range(N + 3), T0)
@@ -227,6 +258,7 @@ def test_one_batch_larger_than_the_budget_stores_what_fits(factory, make_tier):
     assert u.entries == N and u.raw_bytes == N * block_nbytes()
 
 
+@BUDGET
 def test_many_batches_stay_in_budget_and_keep_the_most_recent(factory, make_tier):
     tier = make_tier(factory)
     es = roots(range(2 * N), T0)
@@ -241,6 +273,7 @@ def test_many_batches_stay_in_budget_and_keep_the_most_recent(factory, make_tier
 
 
 # -- eviction order -------------------------------------------------------------------------------
+@BUDGET
 def test_eviction_takes_a_chain_from_its_tail(factory, make_tier):
     tier = make_tier(factory)
     a = chain(0, N, T0)  # one batch, one instant: depth alone orders it
@@ -252,6 +285,7 @@ def test_eviction_takes_a_chain_from_its_tail(factory, make_tier):
     assert_chains_reachable(tier)
 
 
+@BUDGET
 def test_a_path_touched_parent_first_outlives_its_untouched_tail(factory, make_tier):
     tier = make_tier(factory)
     a, b = chain(0, 4, T0), chain(1, 4, T0 + 1)
@@ -267,6 +301,7 @@ def test_a_path_touched_parent_first_outlives_its_untouched_tail(factory, make_t
     assert_chains_reachable(tier)
 
 
+@BUDGET
 @pytest.mark.parametrize("order", ["parent_first", "deepest_first"])
 def test_a_chain_longer_than_the_budget_keeps_its_head(factory, make_tier, order):
     tier = make_tier(factory)
@@ -278,6 +313,7 @@ def test_a_chain_longer_than_the_budget_keeps_its_head(factory, make_tier, order
     assert held(tier) == set(keys_of(a[:N]))
 
 
+@BUDGET
 def test_an_ancestor_of_the_batch_is_never_evicted(factory, make_tier):
     tier = make_tier(factory)
     r = chain(0, 3, T0)
@@ -295,6 +331,7 @@ def test_an_ancestor_of_the_batch_is_never_evicted(factory, make_tier):
 
 
 # -- on_evict -------------------------------------------------------------------------------------
+@BUDGET
 def test_on_evict_sees_capacity_victims_and_their_data(factory, make_tier):
     tier = make_tier(factory)
     es = roots(range(N), T0)
@@ -343,6 +380,7 @@ def test_idle_blocks_expire_unless_touched_or_pinned(factory, make_tier):
     assert tier.usage().entries == 0
 
 
+@BUDGET
 def test_a_pinned_block_is_not_evicted_for_capacity(factory, make_tier):
     tier = make_tier(factory)
     es = roots(range(N), T0)

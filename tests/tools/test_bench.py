@@ -29,3 +29,18 @@ def test_tiers_benchmark_quick_run_reports_every_figure(tmp_path):
         c = r["codec"][dtype]
         assert c["ratio"] > 1.0 and c["ratio"] > c["ratio_without_split"], c
     assert r["match"]["blocks"] == 256
+
+
+@pytest.mark.engine
+@pytest.mark.heavy
+def test_remote_benchmark_quick_run_reports_ratios_of_its_own_figures(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "remote", "--quick", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["store_ratio"] == pytest.approx(r["store_GBps"] / r["raw_set_GBps"], rel=1e-6)
+    assert r["load_ratio"] == pytest.approx(r["load_GBps"] / r["raw_get_GBps"], rel=1e-6)
+    assert r["breaker_added_ms"] == pytest.approx(r["match_ms_breaker_open"] - r["match_ms_no_remote"])
+    assert r["match_round_trips"] == 1 and r["blocks"] == 16
+    # The server holds compressed records: fewer bytes than the raw blocks plus key overhead.
+    assert 0 < r["stored_bytes_on_server"] < r["blocks"] * r["block_bytes"] * 1.05

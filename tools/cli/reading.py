@@ -71,6 +71,15 @@ class StoreView:
         """Every block the disk tier holds, with its metadata."""
         return self._disk.entries()
 
+    def remote(self) -> dict[str, Any] | None:
+        """The remote tier's server, reachability and usage under this store's prefix (None
+        without ``remote_url``)."""
+        tier = self.store.tier("remote")
+        if tier is None:
+            return None
+        u = tier.usage()
+        return {**tier.status(), "entries": u.entries, "bytes": u.bytes, "raw_bytes": u.raw_bytes}
+
     def namespaces(self) -> dict[int, str]:
         """Namespace id -> name, for every namespace the store has seen."""
         return self.store.namespaces()

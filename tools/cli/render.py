@@ -110,6 +110,15 @@ def stats_text(data: dict) -> str:
         "evictions    " + (", ".join(f"{k} {v:.0f}" for k, v in sorted(lifetime["evictions"].items())) or "none")
         + f"; dropped writes {lifetime['dropped_writes']:.0f}; corrupt records {lifetime['corrupt_records']:.0f}",
     ]
+    r = data["tiers"].get("remote")
+    if r is not None:
+        rc = lifetime["remote"]
+        errs = ", ".join(f"{k} {v:.0f}" for k, v in sorted(rc["errors"].items())) or "none"
+        lines += [
+            f"remote tier  {r['server']}  {'reachable' if r['reachable'] else 'UNREACHABLE (' + r['last_error'] + ')'}",
+            f"             {r['entries']} blocks, {human_bytes(r['bytes'])} stored under this prefix; "
+            f"hits {rc['hits']:.0f}, misses {rc['misses']:.0f}, errors {errs}",
+        ]
     if data["namespaces"]:
         lines.append("namespaces")
         for name, v in sorted(data["namespaces"].items(), key=lambda kv: -kv[1]["bytes"]):

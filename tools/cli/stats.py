@@ -37,6 +37,10 @@ def lifetime_counters(flat: dict[str, float]) -> dict:
         "evictions": series("evictions"),
         "dropped_writes": sum(series("dropped_writes").values()),
         "corrupt_records": sum(series("corrupt_records").values()),
+        "remote": {"hits": sum(series("remote_hits").values()),
+                   "misses": sum(series("remote_misses").values()),
+                   "errors": {k.split("reason=")[-1].split(",")[0]: v
+                              for k, v in series("remote_errors").items()}},
     }
 
 
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> Result:
         ttl, bt, path = view.ttl_s, view.block_tokens, view.path
         lifetime = lifetime_counters(view.counters())
         stored = view.settings()
+        remote = view.remote()
     per_ns: dict[str, dict[str, int]] = {}
     for _, m in entries:
         ns = per_ns.setdefault(ns_label(names, m.namespace_id),
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> Result:
             "newest_created": iso(max(created, default=None)),
             "least_recent_access": iso(min(access, default=None)),
             "most_recent_access": iso(max(access, default=None)),
-        }},
+        }, **({"remote": remote} if remote is not None else {})},
         "namespaces": per_ns,
         # Summed over every process that used the store, as of each one's last flush (engines
         # persist theirs every few seconds while they write).

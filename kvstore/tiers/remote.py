@@ -1,0 +1,440 @@
+"""RemoteTier: a shared tier on a Redis-protocol server (Valkey 9, Redis 7), below disk.
+
+One block is one hash ``<prefix><key hex>`` with fields ``r`` (the same self-describing,
+checksummed record as the disk tier: a disk victim goes up as it is), ``m`` (its static metadata,
+msgpack), ``a`` (last access) and ``p`` (pinned until). The block key is chained from the
+namespace (model, layout, dtype, rank, tenant salt), so tenants never share a key; in a cluster
+the keys of one prompt spread over the shards. The server owns the budget: its ``maxmemory``
+policy evicts, and every key expires ``ttl_s`` after its last use (refreshed on a hit). A chain
+the server broke is harmless: lookups stop at the first miss.
+
+Faults are misses: every request waits at most ``timeout_s`` on a socket; a timeout, a refused
+connection or refused credentials opens a circuit breaker, after which requests return misses
+at once while a background thread probes the server with backoff. A record that fails its
+checksum is a counted miss and is deleted. Last-access times of hits are sent in the background
+(and by ``flush``), never on the lookup path.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+
+import msgpack
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from ..codec import Codec
+from ..config import parse_url
+from ..errors import ConfigError, CorruptEntryError
+from ..eviction import EntryMeta, is_expired, is_live
+from ..metrics import Metrics
+from .base import BlockEntry, Evicted, EvictCallback, TierUsage
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "KVSTORE_REMOTE_PASSWORD"
+PREFIX = "kvstore:b:"
+BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts
+TOUCH_EVERY_S = 0.5
+_SCAN_COUNT = 1000
+
+# Raise last access and refresh the expiry, only if the key exists (a touch never creates one).
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local a = tonumber(redis.call('HGET', KEYS[1], 'a') or '0')
+local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
+if tonumber(ARGV[1]) > a then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
+local ttl = tonumber(ARGV[2])
+if p - tonumber(ARGV[1]) > ttl then ttl = p - tonumber(ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+return 1
+"""
+# Raise pinned-until, keeping the key at least until then.
+_PIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
+if tonumber(ARGV[1]) > p then redis.call('HSET', KEYS[1], 'p', ARGV[1]) end
+local left = math.ceil(tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if left > redis.call('TTL', KEYS[1]) then redis.call('EXPIRE', KEYS[1], left) end
+return 1
+"""
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for stats and logs)."""
+    parts = []
+    for u in url.split(","):
+        p = urllib.parse.urlsplit(u.strip())
+        if p.password is not None:
+            netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
+            p = p._replace(netloc=netloc)
+        parts.append(urllib.parse.urlunsplit(p))
+    return ",".join(parts)
+
+
+def _reason(e: Exception) -> str:
+    """The ``remote_errors`` reason of a client exception."""
+    if isinstance(e, redis.AuthenticationError) or "NOAUTH" in str(e) or "WRONGPASS" in str(e) \
+            or "NOPERM" in str(e):
+        return "auth"
+    if isinstance(e, redis.TimeoutError):
+        return "timeout"
+    if isinstance(e, (redis.ConnectionError, OSError)):
+        return "connection"
+    if isinstance(e, redis.exceptions.OutOfMemoryError) or str(e).startswith("OOM"):
+        return "oom"
+    return "other"
+
+
+_BREAKING = ("auth", "timeout", "connection")
+
+
+class _Down(Exception):
+    """The breaker is open: the server is not asked."""
+
+
+class RemoteTier:
+    """The remote tier (see ``Tier`` in base.py for each method's contract).
+
+    Args:
+        url: ``redis://[user:password@]host:port[/db]``, ``rediss://...`` (TLS),
+            ``unix:///path.sock``, or comma-separated ``redis://`` seed nodes of a cluster.
+        ttl_s: idle time after which the server drops a block (refreshed on every hit).
+        timeout_s: the most any request waits on one socket operation.
+        codec: encodes blocks that arrive without a record (the disk tier's codec).
+        metrics: sink for hits, misses, errors, round trips, bytes.
+        password: overrides the URL's; default ``$KVSTORE_REMOTE_PASSWORD``.
+        prefix: what every key of this tier starts with.
+        pool_size: most connections open at once.
+        encode_threads: threads compressing one write batch.
+
+    Never raises for the server's faults; an unreachable server at open starts disconnected.
+    """
+
+    name = "remote"
+    slow = True
+    shared = True
+    device = torch.device("cpu")
+
+    def __init__(self, url: str, ttl_s: float, timeout_s: float, codec: Codec,
+                 metrics: Metrics | None = None, password: str | None = None,
+                 prefix: str = PREFIX, pool_size: int = 8, encode_threads: int = 2):
+        self.url = parse_url(url)
+        if not url:
+            raise ConfigError("remote_url: expected a server URL, got ''")
+        self.server = redact(url)
+        self.ttl_s, self.timeout_s, self.codec = ttl_s, timeout_s, codec
+        self.metrics = metrics or Metrics()
+        self.prefix = prefix.encode()
+        self._password = password if password is not None else os.environ.get(PASSWORD_ENV) or None
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, float] = {}  # key -> last access not yet sent
+        self._up = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.last_error = ""
+        self.client = None  # a cluster client asks its seeds for the slot map when built
+        try:
+            self.client = self._connect()
+            self.client.ping()
+            self._up.set()
+        except Exception as e:  # unreachable at open: start disconnected, keep trying
+            self._failed(e)
+        self._encoders = concurrent.futures.ThreadPoolExecutor(encode_threads,
+                                                               thread_name_prefix="kvstore-remote-enc")
+        self._thread = threading.Thread(target=self._background, name="kvstore-remote", daemon=True)
+        self._thread.start()
+
+    # -- connection and breaker -------------------------------------------------------------
+    def _connect(self):
+        t = self.timeout_s
+        common = dict(socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0),
+                      health_check_interval=0)
+        seeds = [u.strip() for u in self.url.split(",")]
+        if len(seeds) > 1:
+            first = urllib.parse.urlsplit(seeds[0])
+            return RedisCluster(
+                startup_nodes=[ClusterNode(urllib.parse.urlsplit(u).hostname,
+                                           urllib.parse.urlsplit(u).port or 6379) for u in seeds],
+                username=first.username, password=self._password or first.password,
+                ssl=first.scheme == "rediss", require_full_coverage=False,
+                max_connections=self._pool_size, **common)
+        kw = dict(common, max_connections=self._pool_size)
+        if self._password:
+            kw["password"] = self._password
+        return redis.Redis.from_url(seeds[0], **kw)
+
+    @property
+    def reachable(self) -> bool:
+        return self._up.is_set()
+
+    def _failed(self, e: Exception) -> str:
+        reason = _reason(e)
+        self.metrics.add("remote_errors", tier=self.name, reason=reason)
+        self.last_error = reason
+        if reason in _BREAKING and self._up.is_set():
+            self._up.clear()
+            log.warning("kvstore remote tier %s unreachable (%s): serving misses, reconnecting",
+                        self.server, reason)
+            self._wake.set()
+        return reason
+
+    def _run(self, op: str, build: Callable, sent: int = 0) -> list:
+        """Runs one pipeline (``build(pipe)`` adds its commands); raises _Down when the server is
+        not asked or failed (counted), else returns the replies (errors inline)."""
+        if not self._up.is_set():
+            self.metrics.add("remote_errors", tier=self.name, reason="breaker_open")
+            raise _Down
+        t0 = time.perf_counter()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            build(pipe)
+            out = pipe.execute(raise_on_error=False)
+        except Exception as e:
+            self._failed(e)
+            raise _Down from None
+        self.metrics.observe("remote_round_trip_seconds", time.perf_counter() - t0, op=op)
+        self.metrics.add("remote_bytes", sent, tier=self.name, direction="out")
+        for r in out:
+            if isinstance(r, Exception):
+                self._failed(r)
+                if _reason(r) in _BREAKING:
+                    raise _Down
+        return out
+
+    def _background(self) -> None:
+        """Reconnects with backoff while down; sends pending touches while up."""
+        wait = BACKOFF_S[0]
+        while not self._stop.is_set():
+            if self._up.is_set():
+                wait = BACKOFF_S[0]
+                self._wake.wait(TOUCH_EVERY_S)
+                self._wake.clear()
+                if self._up.is_set() and not self._stop.is_set():
+                    self._send_touches()
+                continue
+            self._stop.wait(wait)
+            if self._stop.is_set():
+                return
+            try:
+                if self.client is None:
+                    self.client = self._connect()
+                self.client.ping()
+                self._up.set()
+                log.info("kvstore remote tier %s reachable again", self.server)
+            except Exception as e:
+                self.last_error = _reason(e)
+                wait = min(2 * wait, BACKOFF_S[1])
+
+    def status(self) -> dict:
+        """The server (password redacted), whether it answers now, and the last fault seen."""
+        return {"server": self.server, "reachable": self.reachable, "last_error": self.last_error}
+
+    def _k(self, key: bytes) -> bytes:
+        return self.prefix + key.hex().encode()
+
+    def configure(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        pass  # records are self-describing
+
+    # -- reads -------------------------------------------------------------------------------
+    def _live(self, key: bytes, a, p, now: float | None) -> bool:
+        if a is None:
+            return False
+        if now is None:
+            return True
+        pend = self._pending.get(key, 0.0)
+        return is_live(max(float(a), pend), float(p or 0), now, self.ttl_s)
+
+    def contains_many(self, keys: Sequence[bytes], now: float, stop_at_miss: bool = False) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            replies = self._run("contains", lambda pipe: [pipe.hmget(self._k(k), "a", "p") for k in keys])
+        except _Down:
+            return [False] * (1 if stop_at_miss else len(keys))
+        out = []
+        for k, (a, p) in zip(keys, replies):
+            out.append(self._live(k, a, p, now))
+            if stop_at_miss and not out[-1]:
+                break
+        return out
+
+    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
+                 now: float | None = None) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            replies = self._run("get", lambda pipe: [pipe.hmget(self._k(k), "a", "p", "r") for k in keys])
+        except _Down:
+            self.metrics.add("remote_misses", len(keys), tier=self.name)
+            return [False] * len(keys)
+        ok, corrupt, nbytes = [], [], 0
+        for k, out, (a, p, rec) in zip(keys, outs, replies):
+            hit = rec is not None and self._live(k, a, p, now)
+            if hit:
+                nbytes += len(rec)
+                try:
+                    self.codec.decode(rec, out)
+                except (CorruptEntryError, ValueError):
+                    corrupt.append(k)
+                    hit = False
+            ok.append(hit)
+        self.metrics.add("remote_bytes", nbytes, tier=self.name, direction="in")
+        self.metrics.add("remote_hits", ok.count(True), tier=self.name)
+        self.metrics.add("remote_misses", ok.count(False), tier=self.name)
+        if corrupt:
+            self.metrics.add("corrupt_records", len(corrupt), tier=self.name)
+            self.metrics.add("remote_errors", len(corrupt), tier=self.name, reason="corrupt")
+            self._delete(corrupt)
+        return ok
+
+    def entries(self) -> list[tuple[bytes, EntryMeta]]:
+        """Every entry under this tier's prefix (a SCAN of every shard: an operator's call)."""
+        self._send_touches()
+        try:
+            names = self._scan()
+            replies = self._run("scan", lambda pipe: [pipe.hmget(n, "m", "a", "p") for n in names])
+        except _Down:
+            return []
+        out = []
+        for n, (m, a, p) in zip(names, replies):
+            if m is None or a is None:
+                continue
+            ns, depth, parent, created, raw, stored = msgpack.unpackb(m)
+            key = bytes.fromhex(n[len(self.prefix):].decode())
+            last = max(float(a), self._pending.get(key, 0.0))
+            out.append((key, EntryMeta(ns, depth, parent, created, last, raw, stored, float(p or 0))))
+        return out
+
+    def _scan(self) -> list[bytes]:
+        if not self._up.is_set():
+            raise _Down
+        try:
+            match = self.prefix + b"*"
+            if isinstance(self.client, RedisCluster):
+                names = set()
+                for node in self.client.get_primaries():
+                    names.update(self.client.scan_iter(match=match, count=_SCAN_COUNT, target_nodes=node))
+                return sorted(names)
+            return sorted(set(self.client.scan_iter(match=match, count=_SCAN_COUNT)))
+        except Exception as e:
+            self._failed(e)
+            raise _Down from None
+
+    def usage(self) -> TierUsage:
+        es = self.entries()
+        return TierUsage(len(es), sum(m.stored_bytes for _, m in es), sum(m.raw_bytes for _, m in es), 0)
+
+    # -- writes ------------------------------------------------------------------------------
+    def put_many(self, entries: Sequence[BlockEntry], now: float,
+                 on_evict: EvictCallback | None = None) -> list[bool]:
+        """Encodes (unless an entry carries its record) and sets every entry in one pipeline;
+        a fault drops the batch (counted)."""
+        if not entries:
+            return []
+        todo = [e.block for e in entries if e.record is None]
+        # zstd releases the GIL: encode on every core while the pipeline is built.
+        encoded = iter(list(self._encoders.map(self.codec.encode, todo)) if len(todo) > 1
+                       else [self.codec.encode(b) for b in todo])
+        records = [e.record if e.record is not None else next(encoded) for e in entries]
+        expiry = max(1, int(self.ttl_s + 0.999))
+
+        def build(pipe):
+            for e, rec in zip(entries, records):
+                m = e.meta
+                name = self._k(e.key)
+                pipe.hset(name, mapping={
+                    "r": rec, "a": repr(float(m.last_access)), "p": repr(float(m.pinned_until)),
+                    "m": msgpack.packb([m.namespace_id, m.depth, m.parent, m.created, m.raw_bytes,
+                                        len(rec)])})
+                pipe.expire(name, expiry)
+        try:
+            replies = self._run("put", build, sum(len(r) for r in records))
+        except _Down:
+            self.metrics.add("dropped_writes", len(entries), tier=self.name, reason="io_error")
+            return [False] * len(entries)
+        ok = [not isinstance(r, Exception) for r in replies[::2]]
+        self.metrics.add("dropped_writes", ok.count(False), tier=self.name, reason="io_error")
+        return ok
+
+    def touch_many(self, keys: Sequence[bytes], now: float) -> None:
+        """Queues the touch: sent within TOUCH_EVERY_S by the background thread, or by flush."""
+        with self._lock:
+            for k in keys:
+                if now > self._pending.get(k, 0.0):
+                    self._pending[k] = now
+
+    def _send_touches(self) -> None:
+        with self._lock:
+            touches, self._pending = self._pending, {}
+        if not touches:
+            return
+        ttl = repr(float(self.ttl_s))
+        try:
+            self._run("touch", lambda pipe: [pipe.eval(_TOUCH, 1, self._k(k), repr(t), ttl)
+                                             for k, t in touches.items()])
+        except _Down:
+            pass  # best effort: the server's expiry may then come a little early
+
+    def pin_many(self, keys: Sequence[bytes], until: float) -> int:
+        if not keys:
+            return 0
+        wall = repr(time.time())  # the server's expiry counts in wall time
+        try:
+            replies = self._run("pin", lambda pipe: [pipe.eval(_PIN, 1, self._k(k), repr(float(until)), wall)
+                                                     for k in keys])
+        except _Down:
+            return 0
+        return sum(1 for r in replies if r == 1)
+
+    def _delete(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            for k in keys:
+                self._pending.pop(k, None)
+        try:
+            replies = self._run("delete", lambda pipe: [pipe.delete(self._k(k)) for k in keys])
+        except _Down:
+            return 0
+        return sum(r for r in replies if isinstance(r, int))
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        return self._delete(keys)
+
+    def _remove(self, chosen: list[tuple[bytes, EntryMeta]], reason: str) -> list[Evicted]:
+        if not chosen:
+            return []
+        self._delete([k for k, _ in chosen])
+        self.metrics.add("evictions", len(chosen), tier=self.name, reason=reason)
+        return [Evicted(k, m, None, reason) for k, m in chosen]
+
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
+        return self._remove([(k, m) for k, m in self.entries() if select(k, m)], "purge")
+
+    def expire(self, now: float) -> list[Evicted]:
+        return self._remove([(k, m) for k, m in self.entries() if is_expired(m, now, self.ttl_s)], "ttl")
+
+    def flush(self) -> None:
+        """Sends pending last-access times (bounded by the timeout)."""
+        self._send_touches()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(2 * self.timeout_s + BACKOFF_S[1])
+        self.flush()
+        self._encoders.shutdown(wait=True)
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass

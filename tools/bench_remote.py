@@ -1,0 +1,143 @@
+"""``python -m tools.bench remote``: the remote tier against a local valkey-server started here.
+
+The limit is measured in the same run with the same client library (redis-py + hiredis, same
+socket settings): pipelined SETs and GETs of the same blocks' uncompressed bytes. Figures:
+
+- store: ``put`` + ``flush`` of a prompt's blocks into a store whose only tier is the remote one
+  (encode + pipelined HSET), as a ratio to the raw SET; target >= 0.9.
+- load: ``match`` + ``get`` of them from a fresh store (pipelined HMGET + verify + decode on the
+  io threads), as a ratio to the raw GET; target >= 1.0 (compression pays for the codec).
+- match round trips: pipelines a ``match`` sends to the server; target 1.
+- breaker open: a ``match`` with the server dead, minus one with no remote tier; target <= 1 ms.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvstore import KVStore, StoreConfig
+from kvstore.codec import byte_view
+
+from .valkey_server import ValkeyServer
+
+TARGETS = {"store_ratio": 0.9, "load_ratio": 1.0, "match_round_trips": 1, "breaker_added_ms": 1.0}
+
+
+def _best(fn, repeat: int = 3, setup=None) -> float:
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _store(path: Path, url: str, bt: int, blocks: list[torch.Tensor], **kw) -> KVStore:
+    cfg = StoreConfig(path=path, block_tokens=bt, host_bytes=0, disk_bytes=0, remote_url=url,
+                      remote_timeout_s=2.0, block_shape=tuple(blocks[0].shape),
+                      dtype=str(blocks[0].dtype).removeprefix("torch."),
+                      write_queue_bytes=(len(blocks) + 1) * blocks[0].nbytes, **kw)
+    return KVStore.open(cfg)
+
+
+def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> dict:
+    n = len(blocks)
+    total = sum(b.nbytes for b in blocks)
+    tokens = list(range(n * block_tokens))
+    raws = [byte_view(b.contiguous()).tobytes() for b in blocks]
+    with ValkeyServer() as server, tempfile.TemporaryDirectory(prefix="kvstore-bench-remote-") as wd:
+        wd = Path(wd)
+        client = redis.Redis(port=server.port, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+
+        def raw_set():
+            p = client.pipeline(transaction=False)
+            for i, r in enumerate(raws):
+                p.set(f"raw:{i}", r)
+            p.execute()
+
+        def raw_get():
+            p = client.pipeline(transaction=False)
+            for i in range(n):
+                p.get(f"raw:{i}")
+            p.execute()
+
+        set_s = _best(raw_set, setup=lambda: client.flushall())
+        get_s = _best(raw_get)
+        client.flushall()
+
+        runs = iter(range(1000))
+
+        def put():
+            with _store(wd / f"w{next(runs)}", server.url, block_tokens, blocks) as s:
+                t = time.perf_counter()
+                s.put(tokens, blocks)
+                assert s.flush()
+                return time.perf_counter() - t
+        store_s = min(put() for _ in range(3) if not client.flushall() or True)
+        put()  # leave the blocks on the server
+
+        def load():
+            with _store(wd / f"r{next(runs)}", server.url, block_tokens, blocks) as s:
+                t = time.perf_counter()
+                m = s.match(tokens, touch=False)
+                got = s.get(m)
+                dt = time.perf_counter() - t
+                assert len(got) == n, (len(got), n)
+                rt = s.metrics.snapshot()["histograms"]["remote_round_trip_seconds"]
+                trips = sum(h["count"] for k, h in rt.items() if dict(k)["op"] == "contains")
+                return dt, trips
+        loads = [load() for _ in range(3)]
+        load_s, trips = min(t for t, _ in loads), loads[0][1]
+        stored = sum(int(server.command("MEMORY", "USAGE", k) or 0)
+                     for k in server.command("KEYS", "kvstore:*"))
+
+        # Breaker open: a match with the server dead vs with no remote tier at all.
+        def per_match(store) -> float:
+            store.match(tokens)
+            t = time.perf_counter()
+            for _ in range(requests):
+                store.match(tokens)
+            return (time.perf_counter() - t) / requests
+        local = KVStore.open(StoreConfig(path=wd / "local", block_tokens=block_tokens, disk_bytes=0))
+        base_s = per_match(local)
+        local.close()
+        dead = _store(wd / "dead", server.url, block_tokens, blocks)
+        server.kill()
+        dead.match(tokens)  # the failure that opens the breaker
+        dead_s = per_match(dead)
+        dead.close()
+    r = {
+        "blocks": n, "block_bytes": blocks[0].nbytes, "stored_bytes_on_server": stored,
+        "raw_set_GBps": total / set_s / 1e9, "raw_get_GBps": total / get_s / 1e9,
+        "store_GBps": total / store_s / 1e9, "load_GBps": total / load_s / 1e9,
+        "match_round_trips": trips,
+        "match_ms_no_remote": base_s * 1e3, "match_ms_breaker_open": dead_s * 1e3,
+    }
+    r["store_ratio"] = r["store_GBps"] / r["raw_set_GBps"]
+    r["load_ratio"] = r["load_GBps"] / r["raw_get_GBps"]
+    r["breaker_added_ms"] = r["match_ms_breaker_open"] - r["match_ms_no_remote"]
+    r["targets"] = TARGETS
+    return r
+
+
+def show(r: dict) -> None:
+    t = r["targets"]
+    print(f"remote tier, {r['blocks']} blocks of {r['block_bytes'] / 2**20:.2f} MiB "
+          f"(server holds {r['stored_bytes_on_server'] / 2**20:.1f} MiB)")
+    print(f"  store {r['store_GBps']:.3f} GB/s vs raw pipelined SET {r['raw_set_GBps']:.3f} GB/s: "
+          f"ratio {r['store_ratio']:.2f} (target >= {t['store_ratio']})")
+    print(f"  load  {r['load_GBps']:.3f} GB/s vs raw pipelined GET {r['raw_get_GBps']:.3f} GB/s: "
+          f"ratio {r['load_ratio']:.2f} (target >= {t['load_ratio']})")
+    print(f"  match round trips {r['match_round_trips']} (target {t['match_round_trips']})")
+    print(f"  match with the server dead (breaker open) {r['match_ms_breaker_open']:.3f} ms vs "
+          f"no remote tier {r['match_ms_no_remote']:.3f} ms: added {r['breaker_added_ms']:.3f} ms "
+          f"(target <= {t['breaker_added_ms']})")
