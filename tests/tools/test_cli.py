@@ -184,8 +184,8 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     (["stats", "--path", "/nonexistent/kv"], 1, "not a kvstore store"),
     (["stats"], 1, "no store given"),
     (["ls", "--path", "{tmp}"], 1, "not a kvstore store"),
-    (["purge", "--path", "{store}"], 1, "say what to remove"),
-    (["purge", "--path", "{store}", "--all", "--namespace", "x"], 1, "combines with no other"),
+    (["purge", "--path", "{store}"], 2, "say what to remove"),
+    (["purge", "--path", "{store}", "--all", "--namespace", "x"], 2, "combines with no other"),
     (["purge", "--path", "{store}", "--older-than", "soon"], 2, "expected a duration"),
     (["ls", "--path", "{store}", "--idle-longer-than=-3h"], 2, "expected a duration"),
     (["inspect", "--path", "{store}", "beef"], 1, "no block with key beef"),
@@ -194,14 +194,40 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     (["explain", "{tmp}/bad.json", "{tmp}/bad.json"], 1, "neither a list of token ids"),
     (["explain", "{tmp}/empty.json", "{tmp}/bad.json"], 1, "an empty prompt"),
     (["purge", "--path", "{store}", "--prefix-of", "{tmp}/bad.json"], 1, "neither a list of token ids"),
-    (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "Address already in use"),
+    (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "--port {busy}: cannot listen there: Address already in use"),
+    # Out-of-range numbers are usage errors naming the option and what it allows (issue 14).
+    (["ls", "--path", "{store}", "--limit", "-3"], 2, "argument --limit: expected an integer >= 0, got '-3'"),
+    (["ls", "--path", "{store}", "--offset", "-5"], 2, "argument --offset: expected an integer >= 0, got '-5'"),
+    (["purge", "--path", "{store}", "--prefix-of", "{tmp}/ids.json", "--from-block", "-1"], 2,
+     "argument --from-block: expected an integer >= 0, got '-1'"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--context", "-2"], 2, "argument --context: expected an integer >= 0"),
+    (["serve-metrics", "--path", "{store}", "--port", "99999"], 2, "argument --port: expected a port number from 0"),
+    (["serve-metrics", "--path", "{store}", "--interval", "-5"], 2, "argument --interval: expected a number of seconds > 0"),
+    (["serve-metrics", "--path", "{store}", "--interval", "0"], 2, "argument --interval: expected a number of seconds > 0"),
+    # Filters that name nothing in the store say so instead of listing 0 rows.
+    (["ls", "--path", "{store}", "--namespace", "no-such-tenant"], 1, "--namespace no-such-tenant: no such namespace"),
+    (["purge", "--path", "{store}", "--namespace", "no-such-tenant"], 1, "no such namespace in this store"),
+    (["ls", "--path", "{store}", "--namespace", "#zz"], 1, "'#' and 4 to 16 hex digits"),
+    (["ls", "--path", "{store}", "--namespace", "#abcdef12"], 1, "no namespace of this store has that id"),
+    (["ls", "--path", "{store}", "--key", "xyz"], 2, "argument --key: expected hex digits"),
+    (["ls", "--path", "{store}", "--key", "abcdef"], 1, "--key abcdef: no block of this store"),
+    # Prompt files: JSON that does not parse is not read as text; an empty text is no prompt.
+    (["explain", "{tmp}/broken.json", "{tmp}/ids.json"], 1, "broken.json: not valid JSON (line 1 column 9"),
+    (["explain", "{tmp}/broken.txt", "{tmp}/ids.json"], 1, "broken.txt: not valid JSON"),
+    (["explain", "{tmp}/blank.txt", "{tmp}/ids.json"], 1, "blank.txt: an empty prompt"),
+    (["explain", "{tmp}/wizard.json", "{tmp}/ids.json"], 1, "messages[1].role: expected one of system, developer"),
+    (["explain", "{tmp}/image.json", "{tmp}/ids.json"], 1, "messages[0].content[1]: expected a text part"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--chat-template", "{tmp}/binary.bin"], 1,
+     "--chat-template {tmp}/binary.bin: not UTF-8 text"),
     (["frobnicate"], 2, "invalid choice"),
     # Found by test_cli_fuzz: control characters in arguments, file names and library messages
     # are escaped, so that an error stays one line.
     (["ls", "--path", "{store}", "a\nb"], 2, "unrecognized arguments: a\\nb"),
     (["explain", "{tmp}/ids.json", "no-such-\r"], 1, "no-such-\\r: cannot read"),
     (["stats", "--path", "{tmp}/new\nline"], 1, "new\\nline: not a kvstore store"),
-    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--tokenizer", "{tmp}"], 1, "cannot load a tokenizer"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--tokenizer", "{tmp}"], 1,
+     "cannot load a tokenizer from {tmp}: the directory holds none of tokenizer.json"),
+    (["stats", "--path", "{tmp}/hollow"], 1, "disk/data.mdb is not an LMDB file"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_path, open_store):
     import socket
@@ -209,13 +235,34 @@ def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_p
     (tmp_path / "bad.json").write_text('{"neither": 1}')
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "ids.json").write_text("[1, 2, 3]")
+    (tmp_path / "broken.json").write_text('[1, 2, 3')
+    (tmp_path / "broken.txt").write_text('{"messages": [{"role": "user", "content": "hi"}')
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    (tmp_path / "wizard.json").write_text(json.dumps([{"role": "user", "content": "hi"},
+                                                      {"role": "wizard", "content": "abracadabra"}]))
+    (tmp_path / "image.json").write_text(json.dumps([{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]))
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "hollow" / "disk").mkdir(parents=True)
+    (tmp_path / "hollow" / "disk" / "data.mdb").write_bytes(b"")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         fill = {"tmp": tmp_path, "store": tmp_path / "store", "busy": busy.getsockname()[1]}
         got, out, err = kv(*[a.format(**fill) for a in argv])
-    assert got == code and fragment in err
+    assert got == code and fragment.format(**fill) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_no_command_writes_into_a_directory_that_is_not_a_store(tmp_path, kv):
+    """An empty disk/data.mdb stays empty: LMDB would format it as a new 1 MiB environment."""
+    data = tmp_path / "hollow" / "disk" / "data.mdb"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"")
+    for argv in (["stats"], ["ls"], ["verify", "--repair"], ["purge", "--all"]):
+        code, _, err = kv(*argv, "--path", tmp_path / "hollow")
+        assert code == 1 and "not an LMDB file" in err
+    assert data.stat().st_size == 0 and sorted(p.name for p in data.parent.iterdir()) == ["data.mdb"]
 
 
 def test_a_file_name_that_is_not_utf8_prints_on_a_strict_stdout(tmp_path, monkeypatch):

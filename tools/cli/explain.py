@@ -9,7 +9,7 @@ import time
 from kvstore.keys import block_keys
 
 from .. import explain as explainlib
-from .options import prompt_options
+from .options import count, prompt_options
 from .prompts import TokenizerChoice, chat_template
 from .reading import StoreView, config, namespace_names, open_view, store_given
 from .render import Result
@@ -24,7 +24,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     ep.add_argument("a", metavar="A", help="prompt file: text, JSON token ids, or JSON chat messages")
     ep.add_argument("b", metavar="B", help="prompt file, same kinds")
     ep.add_argument("--namespace", help="namespace of the keys (default: the store's that holds the prompts)")
-    ep.add_argument("--context", type=int, default=8, metavar="N", help="tokens shown around the split (default 8)")
+    ep.add_argument("--context", type=count, default=8, metavar="N", help="tokens shown around the split (default 8)")
     prompt_options(ep)
 
 
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> Result:
     decode = None
     if args.tokenizer or a.kind != "ids" or b.kind != "ids":  # ids alone are shown undecoded
         tok = tokenizer()
+        for p in (a, b):  # ids beyond the vocabulary would be explained as tokens they are not
+            explainlib.check_vocabulary(p, tok)
         decode = lambda t: tok.decode([t])  # noqa: E731
     held = None
     namespace = args.namespace
