@@ -718,8 +718,10 @@ class KVStore:
             return len(plan.keys)
         return self.remove(plan.keys)
 
-    def remove(self, keys: Sequence[bytes] | frozenset[bytes]) -> int:
-        """Removes exactly ``keys`` from every tier; returns how many distinct blocks were held."""
+    def remove(self, keys: Sequence[bytes] | frozenset[bytes], reason: str = "purge") -> int:
+        """Removes exactly ``keys`` from every tier, counted as evictions for ``reason``
+        ("purge"; "corrupt" for records a repair found failing their checksums, which the disk
+        tier also counts as corrupt records); returns how many distinct blocks were held."""
         self._check_open(writing=True)
         gone = frozenset(keys)
         if not gone:
@@ -727,7 +729,7 @@ class KVStore:
         now = self._clock()
         removed: set[bytes] = set()
         for tier in self.tiers:
-            removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now))
+            removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now, reason))
         return len(removed)
 
     def expire(self) -> int:

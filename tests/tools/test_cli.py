@@ -12,7 +12,7 @@ import time
 import lmdb
 import pytest
 
-from kvstore.keys import block_keys
+from kvstore.keys import block_keys, namespace_id
 from tools import cli
 
 from ..conftest import BLOCK_TOKENS as B
@@ -72,6 +72,27 @@ def test_ls_filters_sorts_and_pages(shared_engine, kv):
     assert text.splitlines()[0].startswith("KEY") and "next page: --offset 5" in text
 
 
+def test_short_namespace_ids_are_printed_and_accepted(shared_engine, kv):
+    """stats and ls print '#' and 8 hex digits of each namespace's id; ls and purge take it."""
+    cfg = ("--config", shared_engine.config)
+    _, data, _ = kv("stats", *cfg, "--json")
+    short = data["namespaces"]["tenant-b"]["id"]
+    assert short == f"#{namespace_id('tenant-b'):016x}"[:9]
+    assert short in kv("stats", *cfg)[1]
+    _, by_id, _ = kv("ls", *cfg, "--json", "--namespace", short)
+    _, by_name, _ = kv("ls", *cfg, "--json", "--namespace", "tenant-b")
+    assert by_id == by_name and by_id["total"] == 3 and {e["namespace_id"] for e in by_id["entries"]} == {short}
+    assert short in kv("ls", *cfg, "--namespace", short)[1]
+    _, dry, _ = kv("purge", *cfg, "--json", "--dry-run", "--namespace", short.upper())
+    assert dry["namespaces"] == {"tenant-b": 3}
+
+
+def test_version(kv):
+    from importlib.metadata import version
+    code, out, _ = kv("--version")
+    assert code == 0 and out.startswith(f"kvstore {version('kvstore')} (record format 1, disk format 1)")
+
+
 def test_inspect_shows_header_verdict_and_chain(shared_engine, kv):
     main = keys_of("main")
     code, data, _ = kv("inspect", main[3].hex()[:10], "--config", shared_engine.config, "--json")
@@ -118,6 +139,12 @@ def test_verify_finds_and_repairs_corrupt_records(engine, kv):
     assert code == 3  # inspect reports the bad verdict too
     code, text, _ = kv("verify", "--config", engine.config, "--repair")
     assert code == 0 and "removed 1 corrupt record(s) and 2 block(s) chained below them" in text
+    # Counted as what they were: one corrupt record (an eviction for "corrupt"), two purged below.
+    c = kv("stats", "--config", engine.config, "--json")[1]["counters"]
+    assert c["corrupt_records"] == {"disk": 1} and c["corrupt_records_total"] == 1
+    assert c["evictions"]["disk"] == {"corrupt": 1, "purge": 2}
+    text = kv("stats", "--config", engine.config)[1]
+    assert "corrupt records 1 (disk 1)" in text and "disk: corrupt 1, purge 2" in text
     # The engine's disk tier no longer has the bad block nor the two unreachable below it.
     ns, ids, _ = DATASET["main"]
     assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [True, True, False, False, False]

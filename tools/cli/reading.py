@@ -99,9 +99,10 @@ class StoreView:
         """What a purge with ``criteria`` (``KVStore.plan_purge``'s) removes, cascade included."""
         return self.store.plan_purge(**criteria)
 
-    def remove(self, keys: frozenset[bytes]) -> int:
-        """Removes exactly ``keys`` (a plan's); returns how many blocks went."""
-        return self.store.remove(keys)
+    def remove(self, keys: frozenset[bytes], reason: str = "purge") -> int:
+        """Removes exactly ``keys`` (a plan's) for ``reason`` (``KVStore.remove``'s); returns
+        how many blocks went."""
+        return self.store.remove(keys, reason)
 
 
 def open_view(args: argparse.Namespace, writable: bool = False) -> StoreView:

@@ -89,6 +89,12 @@ def print_text(text: str) -> None:
         print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
+def _per_tier_reason(nested: dict[str, dict[str, float]]) -> str:
+    """``{"disk": {"purge": 2, "ttl": 1}}`` -> ``disk: purge 2, ttl 1``."""
+    return "; ".join(f"{tier}: " + ", ".join(f"{r} {v:.0f}" for r, v in sorted(reasons.items()))
+                     for tier, reasons in sorted(nested.items()) if reasons) or "none"
+
+
 # -- one text view a command ------------------------------------------------------------------
 def stats_text(data: dict) -> str:
     now = time.time()
@@ -107,24 +113,27 @@ def stats_text(data: dict) -> str:
         f"requests     {lifetime['requests']:.0f}; hit tokens {lifetime['hit_tokens_total']:.0f} "
         f"({', '.join(f'{t} {v:.0f}' for t, v in sorted(lifetime['hit_tokens'].items())) or 'none'}), "
         f"miss tokens {lifetime['miss_tokens']:.0f}; hit rate {100 * lifetime['hit_rate']:.1f}%",
-        "evictions    " + (", ".join(f"{k} {v:.0f}" for k, v in sorted(lifetime["evictions"].items())) or "none")
-        + f"; dropped writes {lifetime['dropped_writes']:.0f}; corrupt records {lifetime['corrupt_records']:.0f}",
+        f"evictions    {lifetime['evictions_total']:.0f} ({_per_tier_reason(lifetime['evictions'])})",
+        f"dropped      {lifetime['dropped_writes_total']:.0f} writes ({_per_tier_reason(lifetime['dropped_writes'])}); "
+        f"corrupt records {lifetime['corrupt_records_total']:.0f}"
+        + (f" ({', '.join(f'{t} {v:.0f}' for t, v in sorted(lifetime['corrupt_records'].items()))})"
+           if lifetime["corrupt_records_total"] else ""),
     ]
     if data["namespaces"]:
         lines.append("namespaces")
         for name, v in sorted(data["namespaces"].items(), key=lambda kv: -kv[1]["bytes"]):
-            lines.append(f"  {v['entries']:>8} blocks  {human_bytes(v['bytes']):>10}  longest "
+            lines.append(f"  {v['id']}  {v['entries']:>8} blocks  {human_bytes(v['bytes']):>10}  longest "
                          f"{v['longest_chain_tokens']:>7} tokens  {name}")
     return "\n".join(lines)
 
 
 def ls_text(data: dict) -> str:
     now = time.time()
-    lines = [f"{'KEY':<12}  {'BLOCK':>5}  {'RAW':>9}  {'STORED':>9}  {'CREATED':>10}  {'LAST USE':>10}  "
+    lines = [f"{'KEY':<12}  {'NS':<9}  {'BLOCK':>5}  {'RAW':>9}  {'STORED':>9}  {'CREATED':>10}  {'LAST USE':>10}  "
              f"{'EXPIRES':>10}  {'PINNED':>10}  NAMESPACE"]
     for e in data["entries"]:
         pin = ago(e["pinned_until"], now).removeprefix("in ") if e["pinned_until"] else "-"
-        lines.append(f"{e['key'][:12]:<12}  {e['depth']:>5}  {human_bytes(e['raw_bytes']):>9}  "
+        lines.append(f"{e['key'][:12]:<12}  {e['namespace_id']:<9}  {e['depth']:>5}  {human_bytes(e['raw_bytes']):>9}  "
                      f"{human_bytes(e['stored_bytes']):>9}  {ago(e['created'], now):>10}  "
                      f"{ago(e['last_access'], now):>10}  {ago(e['expires'], now):>10}  {pin:>10}  "
                      f"{e['namespace']}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .blocks import iso, ns_label
+from .blocks import iso, ns_label, short_id
 from .reading import open_view
 from .render import Result
 
@@ -19,24 +19,39 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def lifetime_counters(flat: dict[str, float]) -> dict:
-    """The store's persisted counters (``name|label=value,...`` -> value), grouped for stats."""
-    def series(name: str) -> dict[str, float]:
-        out: dict[str, float] = {}
+    """The store's persisted counters (``name|label=value,...`` -> value), grouped for stats:
+    evictions and dropped writes nested by tier, then reason; corrupt records by tier."""
+    def series(name: str) -> list[tuple[dict[str, str], float]]:
+        out = []
         for key, value in flat.items():
             n, _, labels = key.partition("|")
             if n == name:
-                out[labels or "total"] = out.get(labels or "total", 0) + value
+                out.append((dict(kv.split("=", 1) for kv in labels.split(",") if "=" in kv), value))
         return out
 
-    hits = {k.removeprefix("tier="): v for k, v in series("hit_tokens").items()}
-    hit, miss = sum(hits.values()), sum(series("miss_tokens").values())
+    def by_tier_reason(name: str) -> dict[str, dict[str, float]]:
+        nested: dict[str, dict[str, float]] = {}
+        for labels, value in series(name):
+            reasons = nested.setdefault(labels.get("tier", "?"), {})
+            reasons[labels.get("reason", "?")] = reasons.get(labels.get("reason", "?"), 0) + value
+        return nested
+
+    def by_tier(name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for labels, value in series(name):
+            out[labels.get("tier", "?")] = out.get(labels.get("tier", "?"), 0) + value
+        return out
+
+    hits = by_tier("hit_tokens")
+    hit, miss = sum(hits.values()), sum(v for _, v in series("miss_tokens"))
+    evictions, dropped, corrupt = by_tier_reason("evictions"), by_tier_reason("dropped_writes"), by_tier("corrupt_records")
     return {
-        "requests": sum(series("requests").values()),
+        "requests": sum(v for _, v in series("requests")),
         "hit_tokens": hits, "hit_tokens_total": hit, "miss_tokens": miss,
         "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
-        "evictions": series("evictions"),
-        "dropped_writes": sum(series("dropped_writes").values()),
-        "corrupt_records": sum(series("corrupt_records").values()),
+        "evictions": evictions, "evictions_total": sum(v for r in evictions.values() for v in r.values()),
+        "dropped_writes": dropped, "dropped_writes_total": sum(v for r in dropped.values() for v in r.values()),
+        "corrupt_records": corrupt, "corrupt_records_total": sum(corrupt.values()),
     }
 
 
@@ -50,7 +65,8 @@ def run(args: argparse.Namespace) -> Result:
     per_ns: dict[str, dict[str, int]] = {}
     for _, m in entries:
         ns = per_ns.setdefault(ns_label(names, m.namespace_id),
-                               {"entries": 0, "bytes": 0, "raw_bytes": 0, "longest_chain_tokens": 0})
+                               {"id": short_id(m.namespace_id), "entries": 0, "bytes": 0, "raw_bytes": 0,
+                                "longest_chain_tokens": 0})
         ns["entries"] += 1
         ns["bytes"] += m.stored_bytes
         ns["raw_bytes"] += m.raw_bytes

@@ -379,11 +379,14 @@ class DiskTier:
     def delete_many(self, keys: Sequence[bytes]) -> int:
         return len(self._delete(keys, "purge"))
 
-    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float,
+              reason: str = "purge") -> list[Evicted]:
         chosen = [k for k, m in self.entries() if select(k, m)]
         gone = []
         for i in range(0, len(chosen), _PURGE_BATCH):  # bounded write transactions
-            gone += self._delete(chosen[i:i + _PURGE_BATCH], "purge")
+            gone += self._delete(chosen[i:i + _PURGE_BATCH], reason)
+        if reason == "corrupt" and gone:  # a repair: the records failed their checksums
+            self.metrics.add("corrupt_records", len(gone), tier=self.name)
         return gone
 
     def expire(self, now: float) -> list[Evicted]:
