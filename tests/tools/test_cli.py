@@ -204,6 +204,9 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     assert [row["state"] for row in r["blocks"]] == ["same", "same", "first difference",
                                                      "differs (chained)", "differs (chained)"]
     assert r["blocks"][0]["a"] == keys_of("main")[0].hex()
+    short = f"#{namespace_id('tenant-a'):016x}"[:9]  # the short id stats prints names it too
+    _, by_id, _ = kv("explain", a, b, "--config", shared_engine.config, "--json", "--namespace", short)
+    assert by_id["namespace"] == "tenant-a" and by_id["store"] == r["store"]
     assert [t["pos"] for t in r["divergence"]["tokens"]][0] == 2 * B - 8
 
 
