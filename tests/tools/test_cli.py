@@ -351,3 +351,27 @@ def test_serve_metrics_from_outside_the_engine(shared_engine, kv):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, proc.stderr.read()
+
+
+def test_stats_shows_the_data_file_beside_the_bytes_stored(open_store, tmp_path, kv):
+    """The file keeps its size after a purge; stats shows what inside it holds data and what is
+    free for reuse, so that "du" and "stored" can be told apart."""
+    from ..conftest import make_block
+    store = open_store(disk_bytes=64 << 20)
+    ids = list(range(300 * B))
+    store.put(ids, [make_block(i) for i in range(300)], namespace="t")
+    store.flush()
+    store.close()
+    path = ("--path", tmp_path / "store")
+    before = kv("stats", *path, "--json")[1]["tiers"]["disk"]
+    f0 = before["file"]
+    assert f0["file_bytes"] == (tmp_path / "store" / "disk" / "data.mdb").stat().st_size
+    assert f0["data_bytes"] >= before["bytes"] and f0["data_bytes"] + f0["free_bytes"] == f0["written_bytes"]
+    assert kv("purge", *path, "--all")[0] == 0
+    after = kv("stats", *path, "--json")[1]["tiers"]["disk"]
+    f1 = after["file"]
+    assert after["bytes"] == 0 and f1["file_bytes"] == f0["file_bytes"]  # LMDB never shrinks the file
+    assert f1["data_bytes"] < f0["data_bytes"] - before["bytes"] // 2
+    assert f1["free_bytes"] > f0["free_bytes"] + before["bytes"] // 2  # the records' pages, free for reuse
+    text = kv("stats", *path)[1]
+    assert "data file" in text and "free for reuse" in text

@@ -79,6 +79,11 @@ class StoreView:
         """The disk tier's entries, bytes (stored and raw) and budget."""
         return self._disk.usage()
 
+    def file_usage(self) -> dict[str, int]:
+        """The disk tier's data file: its size, and what inside it holds data or is free for
+        reuse (``LMDBEnv.file_usage``)."""
+        return self._disk.env.file_usage()
+
     def settings(self) -> dict[str, Any]:
         """The settings stored with the data (block size, budget, TTL, codec, layout)."""
         return self.store.settings()

@@ -105,6 +105,9 @@ def stats_text(data: dict) -> str:
         f"disk tier    {d['entries']} blocks, {human_bytes(d['bytes'])} stored ({human_bytes(d['raw_bytes'])} raw"
         f"{ratio}) of a {human_bytes(d['budget'])} budget ({100 * d['bytes'] / d['budget']:.1f}% used)"
         if d["budget"] else f"disk tier    {d['entries']} blocks",
+        f"data file    {human_bytes(d['file']['file_bytes'])} (disk/data.mdb): {human_bytes(d['file']['data_bytes'])} "
+        f"in use, {human_bytes(d['file']['free_bytes'])} free for reuse, "
+        f"{human_bytes(max(d['file']['file_bytes'] - d['file']['written_bytes'], 0))} never written",
         f"             idle TTL {span(d['ttl_s'])}; {d['pinned']} pinned; {d['expired']} expired "
         f"(removed by the next write)",
         f"created      oldest {when(d['oldest_created'], now)}, newest {when(d['newest_created'], now)}",

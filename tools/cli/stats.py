@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> Result:
         ttl, bt, path = view.ttl_s, view.block_tokens, view.path
         lifetime = lifetime_counters(view.counters())
         stored = view.settings()
+        file = view.file_usage()
     per_ns: dict[str, dict[str, int]] = {}
     for _, m in entries:
         ns = per_ns.setdefault(ns_label(names, m.namespace_id),
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> Result:
             "used": u.bytes / u.budget if u.budget else None,
             "compression_ratio": u.raw_bytes / u.bytes if u.bytes else None,
             "ttl_s": ttl, "pinned": pinned, "expired": expired,
+            # The bytes above are the records' sizes; the file holds them in LMDB pages, keeps
+            # freed pages for reuse and never shrinks.
+            "file": file,
             "oldest_created": iso(min(created, default=None)),
             "newest_created": iso(max(created, default=None)),
             "least_recent_access": iso(min(access, default=None)),
