@@ -375,3 +375,30 @@ def test_stats_shows_the_data_file_beside_the_bytes_stored(open_store, tmp_path,
     assert f1["free_bytes"] > f0["free_bytes"] + before["bytes"] // 2  # the records' pages, free for reuse
     text = kv("stats", *path)[1]
     assert "data file" in text and "free for reuse" in text
+
+
+def test_top_once_shows_the_rates_of_an_engine_writing(engine, kv, monkeypatch):
+    """`kvstore top --once --json` against a store another process uses: the engine's lookups
+    between the two samples (made while top waits: its sleep is where the engine works, so the
+    test needs no timing) appear as requests/s and hit tokens/s from the persisted counters."""
+    from tools.cli import top
+    ns, ids, _ = DATASET["main"]
+    waits = []
+
+    def engine_works(seconds):
+        waits.append(seconds)
+        for _ in range(3):
+            assert engine.ask("match", ns=ns, ids=ids)["blocks"] == 5
+        engine.ask("flush")  # persists the engine's counters, as it does every few seconds
+
+    monkeypatch.setattr(top.time, "sleep", engine_works)
+    code, r, err = kv("top", "--config", engine.config, "--once", "--json", "--interval", "7")
+    assert code == 0 and waits == [7.0], err
+    assert round(r["requests_per_s"] * r["seconds"]) == 3
+    assert round(sum(r["hit_tokens_per_s"].values()) * r["seconds"]) == 3 * 5 * B
+    assert r["hit_rate"] == 1.0 and r["miss_tokens_per_s"] == 0
+    assert r["disk"]["entries"] == TOTAL_BLOCKS and r["disk"]["budget"] == 4 << 20
+    monkeypatch.setattr(top.time, "sleep", lambda s: (engine.ask("match", ns=ns, ids=ids), engine.ask("flush")))
+    code, text, _ = kv("top", "--config", engine.config, "--once")
+    head, line = text.splitlines()
+    assert head.split()[:3] == ["time", "req/s", "hit"] and line.split()[2] == "100.0%"

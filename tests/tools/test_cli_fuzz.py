@@ -11,8 +11,8 @@ only for corrupt records, and this store has none), or argparse exits with 0 (``
 failure prints exactly one line on stderr, ``kvstore[ COMMAND]: error: ...``; a success prints
 nothing there (but ``verify --progress``'s bar). And no call changes what the store holds.
 
-Three things are kept out so that an example costs milliseconds: ``serve-metrics`` is only parsed
-(it serves until stopped), ``purge`` only runs with ``--dry-run`` (this is a test of arguments,
+Three things are kept out so that an example costs milliseconds: ``serve-metrics`` and ``top`` are only parsed
+(they run until stopped), ``purge`` only runs with ``--dry-run`` (this is a test of arguments,
 not of removal), and prompt files are token ids or unusable files, never text or chat, which
 would load a tokenizer (seconds each).
 """
@@ -42,7 +42,7 @@ PARSER = cli.build_parser()
 SUBPARSERS: dict[str, argparse.ArgumentParser] = next(
     a.choices for a in PARSER._actions if isinstance(a, argparse._SubParsersAction))
 COMMANDS = sorted(SUBPARSERS)
-RUN_NOT_PARSE_ONLY = set(COMMANDS) - {"serve-metrics"}  # serve-metrics serves until stopped
+RUN_NOT_PARSE_ONLY = set(COMMANDS) - {"serve-metrics", "top"}  # they run until stopped (top: sleeps)
 # Options whose value is a prompt file: only token-id files and unusable ones (see the docstring).
 PROMPT_DESTS = {"a", "b", "prefix_of"}
 # Choices that make a prompt be tokenized (a tokenizer load: seconds).

@@ -12,9 +12,9 @@ writes. A purge removes blocks from the disk tier and logs them there; running e
 same blocks from their RAM tiers within a second.
 
 Layout: one module a command (``stats``, ``ls``, ``inspect_block``, ``purge``, ``verify``,
-``explain``, ``serve_metrics``), each with ``run(args)`` computing plain data; ``render`` turns
+``explain``, ``serve_metrics``, ``top``), each with ``run(args)`` computing plain data; ``render`` turns
 that data into text or JSON; ``reading`` is the one place that calls into the store; ``blocks``,
-``prompts``, ``options`` and ``progress`` hold what several commands share; ``parser`` builds the
+``prompts``, ``options``, ``counters`` and ``progress`` hold what several commands share; ``parser`` builds the
 command line. A command module imports no other command module.
 """
 

@@ -214,6 +214,22 @@ def verify_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+def top_header() -> str:
+    return (f"{'time':<8}  {'req/s':>8}  {'hit':>6}  {'hit tok/s':>10}  {'miss tok/s':>10}  "
+            f"{'stored/s':>9}  {'evict/s':>8}  {'drop/s':>7}  {'disk':>9}  {'used':>6}")
+
+
+def top_line(r: dict) -> str:
+    """One interval of ``kvstore top``: totals over the tiers here, per tier in --json."""
+    d = r["disk"]
+    evict = sum(v for reasons in r["evictions_per_s"].values() for v in reasons.values())
+    used = f"{100 * d['bytes'] / d['budget']:.1f}%" if d["budget"] else "-"
+    return (f"{time.strftime('%H:%M:%S'):<8}  {r['requests_per_s']:>8.1f}  {100 * r['hit_rate']:>5.1f}%  "
+            f"{sum(r['hit_tokens_per_s'].values()):>10.0f}  {r['miss_tokens_per_s']:>10.0f}  "
+            f"{sum(r['stored_blocks_per_s'].values()):>9.1f}  {evict:>8.1f}  {r['dropped_writes_per_s']:>7.1f}  "
+            f"{human_bytes(d['bytes']):>9}  {used:>6}")
+
+
 TEXT: dict[str, Callable[[Any], str]] = {
     "stats": stats_text, "ls": ls_text, "inspect": inspect_text, "purge": purge_text,
     "verify": verify_text, "explain": explainlib.render,

@@ -7,6 +7,7 @@ import argparse
 import time
 
 from .blocks import iso, ns_label, short_id
+from .counters import lifetime_counters
 from .reading import open_view
 from .render import Result
 
@@ -16,43 +17,6 @@ NAME = "stats"
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     sub.add_parser(NAME, parents=[common], help="entries, bytes, budget, ages and namespaces",
                    description="Entries, bytes (stored and raw), budget, TTL, pins, ages and namespaces of the disk tier.")
-
-
-def lifetime_counters(flat: dict[str, float]) -> dict:
-    """The store's persisted counters (``name|label=value,...`` -> value), grouped for stats:
-    evictions and dropped writes nested by tier, then reason; corrupt records by tier."""
-    def series(name: str) -> list[tuple[dict[str, str], float]]:
-        out = []
-        for key, value in flat.items():
-            n, _, labels = key.partition("|")
-            if n == name:
-                out.append((dict(kv.split("=", 1) for kv in labels.split(",") if "=" in kv), value))
-        return out
-
-    def by_tier_reason(name: str) -> dict[str, dict[str, float]]:
-        nested: dict[str, dict[str, float]] = {}
-        for labels, value in series(name):
-            reasons = nested.setdefault(labels.get("tier", "?"), {})
-            reasons[labels.get("reason", "?")] = reasons.get(labels.get("reason", "?"), 0) + value
-        return nested
-
-    def by_tier(name: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for labels, value in series(name):
-            out[labels.get("tier", "?")] = out.get(labels.get("tier", "?"), 0) + value
-        return out
-
-    hits = by_tier("hit_tokens")
-    hit, miss = sum(hits.values()), sum(v for _, v in series("miss_tokens"))
-    evictions, dropped, corrupt = by_tier_reason("evictions"), by_tier_reason("dropped_writes"), by_tier("corrupt_records")
-    return {
-        "requests": sum(v for _, v in series("requests")),
-        "hit_tokens": hits, "hit_tokens_total": hit, "miss_tokens": miss,
-        "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
-        "evictions": evictions, "evictions_total": sum(v for r in evictions.values() for v in r.values()),
-        "dropped_writes": dropped, "dropped_writes_total": sum(v for r in dropped.values() for v in r.values()),
-        "corrupt_records": corrupt, "corrupt_records_total": sum(corrupt.values()),
-    }
 
 
 def run(args: argparse.Namespace) -> Result:
