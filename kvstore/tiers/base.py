@@ -13,9 +13,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import torch
-
 from ..eviction import EntryMeta
+from ..lazy_torch import torch
 
 
 @dataclasses.dataclass(slots=True)

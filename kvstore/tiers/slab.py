@@ -12,10 +12,9 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
-import torch
-
 from ..copies import copy_block, fill_zero
 from ..eviction import EntryMeta, LRUIndex, is_expired
+from ..lazy_torch import torch
 from ..metrics import Metrics
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
 

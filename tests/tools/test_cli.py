@@ -15,7 +15,7 @@ import pytest
 from kvstore.keys import block_keys, namespace_id
 from tools import cli
 
-from ..conftest import BLOCK_TOKENS as B
+from ..conftest import BLOCK_TOKENS as B, make_block
 from .conftest import ROOT
 from .engine_proc import DATASET, TOTAL_BLOCKS
 from .test_exporter import samples, scrape
@@ -356,7 +356,6 @@ def test_serve_metrics_from_outside_the_engine(shared_engine, kv):
 def test_stats_shows_the_data_file_beside_the_bytes_stored(open_store, tmp_path, kv):
     """The file keeps its size after a purge; stats shows what inside it holds data and what is
     free for reuse, so that "du" and "stored" can be told apart."""
-    from ..conftest import make_block
     store = open_store(disk_bytes=64 << 20)
     ids = list(range(300 * B))
     store.put(ids, [make_block(i) for i in range(300)], namespace="t")
@@ -402,3 +401,19 @@ def test_top_once_shows_the_rates_of_an_engine_writing(engine, kv, monkeypatch):
     code, text, _ = kv("top", "--config", engine.config, "--once")
     head, line = text.splitlines()
     assert head.split()[:3] == ["time", "req/s", "hit"] and line.split()[2] == "100.0%"
+
+
+@pytest.mark.parametrize("argv", [["stats", "--path", "{store}"], ["ls", "--path", "{store}"], ["--help"]])
+def test_reading_commands_start_without_torch(argv, open_store, tmp_path):
+    """Importing torch takes over a second; commands that read only metadata never do (its
+    placeholder in sys.modules stays unloaded: kvstore.lazy_torch), so they start fast."""
+    store = open_store()
+    store.put(list(range(B)), [make_block(0)])
+    store.close()  # a store with a block layout in its settings: opening it needs the dtype's name only
+    args = [a.format(store=tmp_path / "store") for a in argv]
+    code = ("import sys\nfrom tools import cli\ntry:\n    rc = cli.main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('RESULT', rc, 'torch._C' in sys.modules, type(sys.modules.get('torch')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
+    assert out.stdout.splitlines()[-1] == "RESULT 0 False _LazyModule", out.stderr

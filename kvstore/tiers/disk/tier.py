@@ -16,11 +16,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from ...codec import Codec
 from ...errors import CorruptEntryError
 from ...eviction import EntryMeta, is_expired, is_live, is_pinned
+from ...lazy_torch import torch
 from ...metrics import Metrics
 from ..base import BlockEntry, Evicted, EvictCallback, TierUsage
 from .env import NO_SPACE, LMDBEnv, LMDBError
@@ -55,7 +54,10 @@ class DiskTier:
     name = "disk"
     slow = True  # writes go through a write-behind queue, loads run on the store's io threads
     shared = True  # other processes on this machine see (and purge) the same blocks
-    device = torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # a property: torch is imported on first use (lazy_torch)
 
     def __init__(self, path: str | os.PathLike | None, capacity_bytes: int, ttl_s: float,
                  codec: Codec, metrics: Metrics | None = None, readonly: bool = False,
