@@ -3,7 +3,6 @@ filters, and the blocks chained below others."""
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 
 from kvstore import KVStoreError
@@ -69,14 +68,6 @@ def namespace_filter(text: str, names: dict[int, str]) -> int:
     if ns_id not in names:
         raise KVStoreError(f"--namespace {text}: no such namespace in this store{known()}")
     return ns_id
-
-
-def hex_prefix(text: str) -> str:
-    """``--key``'s value: hex digits (an optional ``0x``), lower-cased."""
-    prefix = text.lower().removeprefix("0x")
-    if not prefix or any(c not in "0123456789abcdef" for c in prefix):
-        raise argparse.ArgumentTypeError(f"expected hex digits of a key, got {text!r}")
-    return prefix
 
 
 def find_key(entries: list[tuple[bytes, EntryMeta]], text: str) -> bytes:

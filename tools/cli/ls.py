@@ -7,8 +7,8 @@ import time
 
 from kvstore import KVStoreError
 
-from .blocks import entry_json, hex_prefix, namespace_filter, ns_label
-from .options import count, duration
+from .blocks import entry_json, namespace_filter, ns_label
+from .options import count, duration, hex_prefix
 from .reading import open_view
 from .render import Result
 

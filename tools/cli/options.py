@@ -63,6 +63,14 @@ class UsageError(KVStoreError):
     """Arguments that are each valid but do not go together (exit code 2, like argparse's)."""
 
 
+def hex_prefix(text: str) -> str:
+    """``--key``'s value: hex digits (an optional ``0x``), lower-cased."""
+    prefix = text.lower().removeprefix("0x")
+    if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+        raise argparse.ArgumentTypeError(f"expected hex digits of a key, got {text!r}")
+    return prefix
+
+
 def prompt_options(p: argparse.ArgumentParser) -> None:
     """Options of commands that read prompt files (explain, purge --prefix-of)."""
     p.add_argument("--format", choices=explainlib.FORMATS, default="auto",
