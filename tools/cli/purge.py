@@ -4,7 +4,6 @@ every block chained below them, which nothing could reach any more."""
 from __future__ import annotations
 
 import argparse
-import time
 
 from kvstore.keys import block_keys
 
