@@ -16,37 +16,51 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
 import numpy as np
-import torch
 import xxhash
 import zstandard
 
 from .errors import CorruptEntryError
+from .lazy_torch import torch
 
 FORMAT_VERSION = 1
 MAGIC = b"KVSR"
 _PREFIX = struct.Struct("<4sHI")
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
+class _Dtypes(Mapping):
+    """Name -> torch dtype of the dtypes the codec stores; the names are known without torch
+    (config checks them), the dtypes are looked up on use (see lazy_torch)."""
+
+    NAMES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        if name not in self.NAMES:
+            raise KeyError(name)
+        return getattr(torch, name)
+
+    def __iter__(self):
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.NAMES
+
+
+DTYPES: Mapping[str, torch.dtype] = _Dtypes()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The codec's name of a torch dtype; ValueError for one it cannot store."""
-    try:
-        return _NAMES[dtype]
-    except KeyError:
+    name = str(dtype).removeprefix("torch.")
+    if isinstance(dtype, torch.dtype) and name in DTYPES:
+        return name
+    else:
         raise ValueError(
             f"dtype: expected one of {', '.join(DTYPES)}, got {dtype}"
         ) from None

@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .codec import DTYPES as _TORCH_DTYPES
 from .errors import ConfigError
+from .lazy_torch import torch
 
 _SIZE_UNITS = {
     "": 1, "b": 1,

@@ -8,9 +8,9 @@ so buffers are zeroed once when allocated).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .codec import byte_view
+from .lazy_torch import torch
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:

@@ -32,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import keys as keyslib
+from . import lazy_torch
 from . import settings
 from .codec import DTYPES, dtype_name
 from .config import StoreConfig
 from .copies import copy_block
 from .errors import StoreOpenError
 from .eviction import EntryMeta, MonotonicClock
+from .lazy_torch import torch
 from .ledger import Ledger, MemoryLedger
 from .metrics import Metrics
 from .stack import open_stack
@@ -175,6 +176,8 @@ class KVStore:
         self._clock = MonotonicClock(clock)
         self._lock = threading.RLock()
         self._closed = False
+        if not readonly:
+            lazy_torch.load()  # before any thread starts (see lazy_torch)
         _prepare_dir(config.path, readonly)
         if tiers is None:
             stack = open_stack(config, self.metrics, readonly)
@@ -196,9 +199,9 @@ class KVStore:
         self._persisted_at = time.monotonic()
         self._start_threads()
         self.block_shape: tuple[int, ...] | None = None
-        self.dtype: torch.dtype | None = None
+        self._dtype_name: str | None = None
         if config.block_shape is not None and config.dtype is not None:
-            self._fix_layout(config.block_shape, DTYPES[config.dtype])
+            self._fix_layout(config.block_shape, config.dtype)
 
     def tier(self, name: str) -> Tier | None:
         """The tier called ``name`` in this store's stack, or None."""
@@ -241,14 +244,23 @@ class KVStore:
         self.close()
 
     # -- layout ------------------------------------------------------------------------------
-    def _fix_layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the store's blocks (None until the layout is known)."""
+        return None if self._dtype_name is None else DTYPES[self._dtype_name]
+
+    def _fix_layout(self, shape: tuple[int, ...], name: str) -> None:
+        """Fixes the block layout (``name``: the codec's dtype name). A read-only store holds
+        the disk tier alone, whose records describe themselves: it configures nothing, so that
+        the tools that only read metadata never import torch (lazy_torch)."""
         with self._lock:
             if self.block_shape is not None:
                 return
             shape = tuple(shape)
-            for tier in self.tiers:
-                tier.configure(shape, dtype)
             if not self.readonly:
+                dtype = DTYPES[name]
+                for tier in self.tiers:
+                    tier.configure(shape, dtype)
                 nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
                 for level, tier in enumerate(self.tiers):
                     if tier.slow:
@@ -259,8 +271,8 @@ class KVStore:
                             on_evict=self._spill_from(level) if level + 1 < len(self.tiers) else None)
                 stored = self.ledger.settings()
                 if stored.get("block_shape") is None:
-                    self.ledger.save_settings(settings.layout_settings(shape, dtype_name(dtype)))
-            self.block_shape, self.dtype = shape, dtype
+                    self.ledger.save_settings(settings.layout_settings(shape, name))
+            self.block_shape, self._dtype_name = shape, name
 
     def declare_layout(self, block_shape: Sequence[int], dtype: torch.dtype) -> None:
         """Fixes the block layout before the first ``put``, as an engine that knows it does: a
@@ -277,7 +289,7 @@ class KVStore:
         """Fixes the layout another process stored since this one opened the store."""
         s = self.ledger.settings()
         if s.get("block_shape") is not None and s.get("dtype") in DTYPES:
-            self._fix_layout(tuple(s["block_shape"]), DTYPES[s["dtype"]])
+            self._fix_layout(tuple(s["block_shape"]), s["dtype"])
 
     def _check_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
         for i, b in enumerate(blocks):
@@ -291,7 +303,7 @@ class KVStore:
                                      f"got {tuple(b.shape)}")
                 if cfg.dtype is not None and dtype_name(b.dtype) != cfg.dtype:
                     raise ValueError(f"blocks[{i}]: expected dtype {cfg.dtype} (config), got {b.dtype}")
-                self._fix_layout(tuple(b.shape), b.dtype)
+                self._fix_layout(tuple(b.shape), dtype_name(b.dtype))
             if tuple(b.shape) != self.block_shape or b.dtype != self.dtype:
                 raise ValueError(
                     f"blocks[{i}]: expected shape {self.block_shape} and dtype "
@@ -729,8 +741,10 @@ class KVStore:
             return len(plan.keys)
         return self.remove(plan.keys)
 
-    def remove(self, keys: Sequence[bytes] | frozenset[bytes]) -> int:
-        """Removes exactly ``keys`` from every tier; returns how many distinct blocks were held."""
+    def remove(self, keys: Sequence[bytes] | frozenset[bytes], reason: str = "purge") -> int:
+        """Removes exactly ``keys`` from every tier, counted as evictions for ``reason``
+        ("purge"; "corrupt" for records a repair found failing their checksums, which the disk
+        tier also counts as corrupt records); returns how many distinct blocks were held."""
         self._check_open(writing=True)
         gone = frozenset(keys)
         if not gone:
@@ -738,7 +752,7 @@ class KVStore:
         now = self._clock()
         removed: set[bytes] = set()
         for tier in self.tiers:
-            removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now))
+            removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now, reason))
         return len(removed)
 
     def expire(self) -> int:
@@ -767,7 +781,7 @@ class KVStore:
             "path": str(self.config.path),
             "block_tokens": self.config.block_tokens,
             "block_shape": list(self.block_shape) if self.block_shape else None,
-            "dtype": dtype_name(self.dtype) if self.dtype else None,
+            "dtype": self._dtype_name,
             "settings": self.settings(),
             "tiers": tiers,
             "hit_tokens": hits,

@@ -15,11 +15,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import torch
-
+from .copies import copy_block, fill_zero
+from .lazy_torch import torch
 from .metrics import Metrics
 from .tiers.base import BlockEntry, EvictCallback, Tier
-from .copies import copy_block, fill_zero
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A prompt file is one of (detected from its content, or forced with ``fmt``):
 - text: the file's bytes as UTF-8, tokenized as the engine tokenizes a completion prompt;
 - token ids: a JSON list of integers, or ``{"input_ids" | "prompt_token_ids": [...]}``;
 - chat: a JSON list of ``{"role", "content", ...}`` messages, or ``{"messages": [...]}`` (an
-  OpenAI-style request body), rendered with the tokenizer's chat template. A generation prompt
+  OpenAI-style request body; content may be a list of text parts, joined as vLLM joins them), rendered with the tokenizer's chat template. A generation prompt
   is added unless the last message is the assistant's (then it is the stored conversation).
 
 The comparison itself (``compare``) is kvstore.explain's, shared with the engine adapter's
@@ -30,16 +30,23 @@ FORMATS = ("auto", "text", "ids", "chat")
 
 
 # -- loading ----------------------------------------------------------------------------------
+# The roles of OpenAI-style chat messages (what vLLM's chat endpoint accepts).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def _detect(path: str, raw: str, fmt: str) -> tuple[str, Any]:
     """``(kind, payload)``: payload is the text, the id list or the message list."""
     if fmt == "text":
-        return "text", raw
+        return "text", _text(path, raw)
     try:
         data = json.loads(raw)
-    except ValueError:
-        if fmt != "auto":
-            raise KVStoreError(f"{path}: not valid JSON (needed for --format {fmt})") from None
-        return "text", raw
+    except ValueError as e:
+        # A .json file, or one that opens like JSON, was meant as JSON: reading it as text would
+        # explain the wrong prompt.
+        if fmt != "auto" or path.endswith(".json") or raw.lstrip()[:1] in ("[", "{"):
+            where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise KVStoreError(f"{path}: not valid JSON ({where}); to read it as text, pass --format text") from None
+        return "text", _text(path, raw)
     if isinstance(data, dict):
         for key in ("input_ids", "prompt_token_ids"):
             if key in data:
@@ -49,7 +56,7 @@ def _detect(path: str, raw: str, fmt: str) -> tuple[str, Any]:
             if "messages" in data:
                 data = data["messages"]
             elif isinstance(data.get("prompt"), str) and fmt in ("auto", "text"):
-                return "text", data["prompt"]
+                return "text", _text(path, data["prompt"])
     if data == [] or data == "":
         raise KVStoreError(f"{path}: an empty prompt")
     if isinstance(data, list) and data and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
@@ -57,19 +64,53 @@ def _detect(path: str, raw: str, fmt: str) -> tuple[str, Any]:
     elif isinstance(data, list) and data and all(isinstance(m, dict) and "role" in m for m in data):
         kind = "chat"
     elif fmt == "auto" and isinstance(data, str):
-        return "text", data
+        return "text", _text(path, data)
     else:
         raise KVStoreError(f"{path}: JSON, but neither a list of token ids, a list of chat messages "
                            f"with 'role', nor an object with input_ids, messages or prompt")
     if fmt not in ("auto", kind):
         raise KVStoreError(f"{path}: holds {kind}, not {fmt}")
     if kind == "chat":
-        for i, m in enumerate(data):
-            if not isinstance(m.get("content", ""), (str, type(None), list)):
-                raise KVStoreError(f"{path}: messages[{i}].content: expected a string")
-    elif any(not 0 <= t < 1 << 32 for t in data):
+        return kind, [_message(path, i, m) for i, m in enumerate(data)]
+    if any(not 0 <= t < 1 << 32 for t in data):
         raise KVStoreError(f"{path}: token ids must lie in [0, 2**32)")
     return kind, data
+
+
+def _text(path: str, text: str) -> str:
+    if not text.strip():
+        raise KVStoreError(f"{path}: an empty prompt (only white space)")
+    return text
+
+
+def _message(path: str, i: int, m: dict) -> dict:
+    """Message ``i`` checked, with OpenAI content parts (``[{"type": "text", "text": ...}]``)
+    joined into one string as vLLM's chat endpoint joins them for a text-only template."""
+    role = m["role"]
+    if role not in ROLES:
+        raise KVStoreError(f"{path}: messages[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}")
+    content = m.get("content", "")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                got = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise KVStoreError(f"{path}: messages[{i}].content[{j}]: expected a text part "
+                                   f'{{"type": "text", "text": ...}}, got {got!r}')
+            texts.append(part["text"])
+        return {**m, "content": "\n".join(texts)}
+    if not isinstance(content, (str, type(None))):
+        raise KVStoreError(f"{path}: messages[{i}].content: expected a string or a list of text parts")
+    return m
+
+
+def check_vocabulary(p: Prompt, tokenizer: Any) -> None:
+    """Raises KVStoreError if a token id of ``p`` lies beyond ``tokenizer``'s vocabulary."""
+    size = len(tokenizer)
+    for pos, t in enumerate(p.ids):
+        if t >= size:
+            raise KVStoreError(f"{p.source}: token id {t} at position {pos} is beyond the tokenizer's "
+                               f"vocabulary (ids 0 to {size - 1})")
 
 
 def load_prompt(path: str, tokenizer: Callable[[], Any], fmt: str = "auto",
@@ -121,13 +162,19 @@ def load_tokenizer(source: str | os.PathLike) -> Any:
         KVStoreError: no tokenizer could be loaded from there.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in files):
+        raise KVStoreError(f"cannot load a tokenizer from {source}: the directory holds none of "
+                           f"{', '.join(files)}")
     try:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except Exception as e:
-        raise KVStoreError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {e}") from None
+        # The libraries' messages run to many lines of advice; the first one says what failed.
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise KVStoreError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {first}") from None
 
 
 # A weights digest (xxh3-64 hex, engine_adapter.hf.model_fingerprint): an identity, not a name.

@@ -13,9 +13,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import torch
-
 from ..eviction import EntryMeta
+from ..lazy_torch import torch
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,8 +88,10 @@ class Tier(Protocol):
     def pin_many(self, keys: Sequence[bytes], until: float) -> int:
         """Exempts held keys from eviction and expiry until ``until``; returns how many are held."""
 
-    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
-        """Removes every entry ``select`` accepts (pins ignored: an operator's purge wins)."""
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float,
+              reason: str = "purge") -> list[Evicted]:
+        """Removes every entry ``select`` accepts (pins ignored: an operator's purge wins),
+        counted as evictions for ``reason`` ("purge", or "corrupt" for a repair)."""
 
     def expire(self, now: float) -> list[Evicted]:
         """Removes entries idle past the tier's TTL."""

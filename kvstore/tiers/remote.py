@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 import msgpack
 import redis
-import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
@@ -38,6 +37,7 @@ from ..errors import ConfigError, CorruptEntryError
 from ..eviction import EntryMeta, is_expired, is_live
 from ..metrics import Metrics
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
+from ..lazy_torch import torch
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,10 @@ class RemoteTier:
     name = "remote"
     slow = True
     shared = True
-    device = torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # a property: torch is imported on first use (lazy_torch)
 
     def __init__(self, url: str, ttl_s: float, timeout_s: float, codec: Codec,
                  metrics: Metrics | None = None, password: str | None = None,

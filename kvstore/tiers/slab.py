@@ -12,10 +12,9 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
-import torch
-
 from ..copies import copy_block, fill_zero
 from ..eviction import EntryMeta, LRUIndex, is_expired
+from ..lazy_torch import torch
 from ..metrics import Metrics
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
 
@@ -164,9 +163,10 @@ class SlabTier:
         with self._lock:
             return len(self._drop([k for k in keys if k in self._slot_of], "purge", None))
 
-    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float,
+              reason: str = "purge") -> list[Evicted]:
         with self._lock:
-            return self._drop([k for k, m in self._index.items() if select(k, m)], "purge", None)
+            return self._drop([k for k, m in self._index.items() if select(k, m)], reason, None)
 
     def expire(self, now: float) -> list[Evicted]:
         with self._lock:

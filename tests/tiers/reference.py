@@ -132,8 +132,9 @@ class ReferenceTier:
     def delete_many(self, keys: Sequence[bytes]) -> int:
         return len(self._remove([k for k in keys if k in self._data], "purge", None))
 
-    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
-        return self._remove([k for k, (_, m) in self._data.items() if select(k, m)], "purge", None)
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float,
+              reason: str = "purge") -> list[Evicted]:
+        return self._remove([k for k, (_, m) in self._data.items() if select(k, m)], reason, None)
 
     def expire(self, now: float) -> list[Evicted]:
         return self._remove([k for k, (_, m) in self._data.items() if is_expired(m, now, self.ttl_s)],

@@ -12,10 +12,10 @@ import time
 import lmdb
 import pytest
 
-from kvstore.keys import block_keys
+from kvstore.keys import block_keys, namespace_id
 from tools import cli
 
-from ..conftest import BLOCK_TOKENS as B
+from ..conftest import BLOCK_TOKENS as B, make_block
 from .conftest import ROOT
 from .engine_proc import DATASET, TOTAL_BLOCKS
 from .test_exporter import samples, scrape
@@ -72,6 +72,27 @@ def test_ls_filters_sorts_and_pages(shared_engine, kv):
     assert text.splitlines()[0].startswith("KEY") and "next page: --offset 5" in text
 
 
+def test_short_namespace_ids_are_printed_and_accepted(shared_engine, kv):
+    """stats and ls print '#' and 8 hex digits of each namespace's id; ls and purge take it."""
+    cfg = ("--config", shared_engine.config)
+    _, data, _ = kv("stats", *cfg, "--json")
+    short = data["namespaces"]["tenant-b"]["id"]
+    assert short == f"#{namespace_id('tenant-b'):016x}"[:9]
+    assert short in kv("stats", *cfg)[1]
+    _, by_id, _ = kv("ls", *cfg, "--json", "--namespace", short)
+    _, by_name, _ = kv("ls", *cfg, "--json", "--namespace", "tenant-b")
+    assert by_id == by_name and by_id["total"] == 3 and {e["namespace_id"] for e in by_id["entries"]} == {short}
+    assert short in kv("ls", *cfg, "--namespace", short)[1]
+    _, dry, _ = kv("purge", *cfg, "--json", "--dry-run", "--namespace", short.upper())
+    assert dry["namespaces"] == {"tenant-b": 3}
+
+
+def test_version(kv):
+    from importlib.metadata import version
+    code, out, _ = kv("--version")
+    assert code == 0 and out.startswith(f"kvstore {version('kvstore')} (record format 1, disk format 1)")
+
+
 def test_inspect_shows_header_verdict_and_chain(shared_engine, kv):
     main = keys_of("main")
     code, data, _ = kv("inspect", main[3].hex()[:10], "--config", shared_engine.config, "--json")
@@ -118,6 +139,12 @@ def test_verify_finds_and_repairs_corrupt_records(engine, kv):
     assert code == 3  # inspect reports the bad verdict too
     code, text, _ = kv("verify", "--config", engine.config, "--repair")
     assert code == 0 and "removed 1 corrupt record(s) and 2 block(s) chained below them" in text
+    # Counted as what they were: one corrupt record (an eviction for "corrupt"), two purged below.
+    c = kv("stats", "--config", engine.config, "--json")[1]["counters"]
+    assert c["corrupt_records"] == {"disk": 1} and c["corrupt_records_total"] == 1
+    assert c["evictions"]["disk"] == {"corrupt": 1, "purge": 2}
+    text = kv("stats", "--config", engine.config)[1]
+    assert "corrupt records 1 (disk 1)" in text and "disk: corrupt 1, purge 2" in text
     # The engine's disk tier no longer has the bad block nor the two unreachable below it.
     ns, ids, _ = DATASET["main"]
     assert engine.ask("disk_held", ns=ns, ids=ids)["held"] == [True, True, False, False, False]
@@ -177,6 +204,9 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     assert [row["state"] for row in r["blocks"]] == ["same", "same", "first difference",
                                                      "differs (chained)", "differs (chained)"]
     assert r["blocks"][0]["a"] == keys_of("main")[0].hex()
+    short = f"#{namespace_id('tenant-a'):016x}"[:9]  # the short id stats prints names it too
+    _, by_id, _ = kv("explain", a, b, "--config", shared_engine.config, "--json", "--namespace", short)
+    assert by_id["namespace"] == "tenant-a" and by_id["store"] == r["store"]
     assert [t["pos"] for t in r["divergence"]["tokens"]][0] == 2 * B - 8
 
 
@@ -184,8 +214,8 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     (["stats", "--path", "/nonexistent/kv"], 1, "not a kvstore store"),
     (["stats"], 1, "no store given"),
     (["ls", "--path", "{tmp}"], 1, "not a kvstore store"),
-    (["purge", "--path", "{store}"], 1, "say what to remove"),
-    (["purge", "--path", "{store}", "--all", "--namespace", "x"], 1, "combines with no other"),
+    (["purge", "--path", "{store}"], 2, "say what to remove"),
+    (["purge", "--path", "{store}", "--all", "--namespace", "x"], 2, "combines with no other"),
     (["purge", "--path", "{store}", "--older-than", "soon"], 2, "expected a duration"),
     (["ls", "--path", "{store}", "--idle-longer-than=-3h"], 2, "expected a duration"),
     (["inspect", "--path", "{store}", "beef"], 1, "no block with key beef"),
@@ -194,14 +224,40 @@ def test_explain_with_the_store_shows_what_is_held(shared_engine, kv, tmp_path):
     (["explain", "{tmp}/bad.json", "{tmp}/bad.json"], 1, "neither a list of token ids"),
     (["explain", "{tmp}/empty.json", "{tmp}/bad.json"], 1, "an empty prompt"),
     (["purge", "--path", "{store}", "--prefix-of", "{tmp}/bad.json"], 1, "neither a list of token ids"),
-    (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "Address already in use"),
+    (["serve-metrics", "--path", "{store}", "--port", "{busy}"], 1, "--port {busy}: cannot listen there: Address already in use"),
+    # Out-of-range numbers are usage errors naming the option and what it allows (issue 14).
+    (["ls", "--path", "{store}", "--limit", "-3"], 2, "argument --limit: expected an integer >= 0, got '-3'"),
+    (["ls", "--path", "{store}", "--offset", "-5"], 2, "argument --offset: expected an integer >= 0, got '-5'"),
+    (["purge", "--path", "{store}", "--prefix-of", "{tmp}/ids.json", "--from-block", "-1"], 2,
+     "argument --from-block: expected an integer >= 0, got '-1'"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--context", "-2"], 2, "argument --context: expected an integer >= 0"),
+    (["serve-metrics", "--path", "{store}", "--port", "99999"], 2, "argument --port: expected a port number from 0"),
+    (["serve-metrics", "--path", "{store}", "--interval", "-5"], 2, "argument --interval: expected a number of seconds > 0"),
+    (["serve-metrics", "--path", "{store}", "--interval", "0"], 2, "argument --interval: expected a number of seconds > 0"),
+    # Filters that name nothing in the store say so instead of listing 0 rows.
+    (["ls", "--path", "{store}", "--namespace", "no-such-tenant"], 1, "--namespace no-such-tenant: no such namespace"),
+    (["purge", "--path", "{store}", "--namespace", "no-such-tenant"], 1, "no such namespace in this store"),
+    (["ls", "--path", "{store}", "--namespace", "#zz"], 1, "'#' and 4 to 16 hex digits"),
+    (["ls", "--path", "{store}", "--namespace", "#abcdef12"], 1, "no namespace of this store has that id"),
+    (["ls", "--path", "{store}", "--key", "xyz"], 2, "argument --key: expected hex digits"),
+    (["ls", "--path", "{store}", "--key", "abcdef"], 1, "--key abcdef: no block of this store"),
+    # Prompt files: JSON that does not parse is not read as text; an empty text is no prompt.
+    (["explain", "{tmp}/broken.json", "{tmp}/ids.json"], 1, "broken.json: not valid JSON (line 1 column 9"),
+    (["explain", "{tmp}/broken.txt", "{tmp}/ids.json"], 1, "broken.txt: not valid JSON"),
+    (["explain", "{tmp}/blank.txt", "{tmp}/ids.json"], 1, "blank.txt: an empty prompt"),
+    (["explain", "{tmp}/wizard.json", "{tmp}/ids.json"], 1, "messages[1].role: expected one of system, developer"),
+    (["explain", "{tmp}/image.json", "{tmp}/ids.json"], 1, "messages[0].content[1]: expected a text part"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--chat-template", "{tmp}/binary.bin"], 1,
+     "--chat-template {tmp}/binary.bin: not UTF-8 text"),
     (["frobnicate"], 2, "invalid choice"),
     # Found by test_cli_fuzz: control characters in arguments, file names and library messages
     # are escaped, so that an error stays one line.
     (["ls", "--path", "{store}", "a\nb"], 2, "unrecognized arguments: a\\nb"),
     (["explain", "{tmp}/ids.json", "no-such-\r"], 1, "no-such-\\r: cannot read"),
     (["stats", "--path", "{tmp}/new\nline"], 1, "new\\nline: not a kvstore store"),
-    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--tokenizer", "{tmp}"], 1, "cannot load a tokenizer"),
+    (["explain", "{tmp}/ids.json", "{tmp}/ids.json", "--tokenizer", "{tmp}"], 1,
+     "cannot load a tokenizer from {tmp}: the directory holds none of tokenizer.json"),
+    (["stats", "--path", "{tmp}/hollow"], 1, "disk/data.mdb is not an LMDB file"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_path, open_store):
     import socket
@@ -209,13 +265,34 @@ def test_bad_input_is_one_line_without_traceback(argv, code, fragment, kv, tmp_p
     (tmp_path / "bad.json").write_text('{"neither": 1}')
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "ids.json").write_text("[1, 2, 3]")
+    (tmp_path / "broken.json").write_text('[1, 2, 3')
+    (tmp_path / "broken.txt").write_text('{"messages": [{"role": "user", "content": "hi"}')
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    (tmp_path / "wizard.json").write_text(json.dumps([{"role": "user", "content": "hi"},
+                                                      {"role": "wizard", "content": "abracadabra"}]))
+    (tmp_path / "image.json").write_text(json.dumps([{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]))
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "hollow" / "disk").mkdir(parents=True)
+    (tmp_path / "hollow" / "disk" / "data.mdb").write_bytes(b"")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         fill = {"tmp": tmp_path, "store": tmp_path / "store", "busy": busy.getsockname()[1]}
         got, out, err = kv(*[a.format(**fill) for a in argv])
-    assert got == code and fragment in err
+    assert got == code and fragment.format(**fill) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_no_command_writes_into_a_directory_that_is_not_a_store(tmp_path, kv):
+    """An empty disk/data.mdb stays empty: LMDB would format it as a new 1 MiB environment."""
+    data = tmp_path / "hollow" / "disk" / "data.mdb"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"")
+    for argv in (["stats"], ["ls"], ["verify", "--repair"], ["purge", "--all"]):
+        code, _, err = kv(*argv, "--path", tmp_path / "hollow")
+        assert code == 1 and "not an LMDB file" in err
+    assert data.stat().st_size == 0 and sorted(p.name for p in data.parent.iterdir()) == ["data.mdb"]
 
 
 def test_a_file_name_that_is_not_utf8_prints_on_a_strict_stdout(tmp_path, monkeypatch):
@@ -274,3 +351,69 @@ def test_serve_metrics_from_outside_the_engine(shared_engine, kv):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, proc.stderr.read()
+
+
+def test_stats_shows_the_data_file_beside_the_bytes_stored(open_store, tmp_path, kv):
+    """The file keeps its size after a purge; stats shows what inside it holds data and what is
+    free for reuse, so that "du" and "stored" can be told apart."""
+    store = open_store(disk_bytes=64 << 20)
+    ids = list(range(300 * B))
+    store.put(ids, [make_block(i) for i in range(300)], namespace="t")
+    store.flush()
+    store.close()
+    path = ("--path", tmp_path / "store")
+    before = kv("stats", *path, "--json")[1]["tiers"]["disk"]
+    f0 = before["file"]
+    assert f0["file_bytes"] == (tmp_path / "store" / "disk" / "data.mdb").stat().st_size
+    assert f0["data_bytes"] >= before["bytes"] and f0["data_bytes"] + f0["free_bytes"] == f0["written_bytes"]
+    assert kv("purge", *path, "--all")[0] == 0
+    after = kv("stats", *path, "--json")[1]["tiers"]["disk"]
+    f1 = after["file"]
+    assert after["bytes"] == 0 and f1["file_bytes"] == f0["file_bytes"]  # LMDB never shrinks the file
+    assert f1["data_bytes"] < f0["data_bytes"] - before["bytes"] // 2
+    assert f1["free_bytes"] > f0["free_bytes"] + before["bytes"] // 2  # the records' pages, free for reuse
+    text = kv("stats", *path)[1]
+    assert "data file" in text and "free for reuse" in text
+
+
+def test_top_once_shows_the_rates_of_an_engine_writing(engine, kv, monkeypatch):
+    """`kvstore top --once --json` against a store another process uses: the engine's lookups
+    between the two samples (made while top waits: its sleep is where the engine works, so the
+    test needs no timing) appear as requests/s and hit tokens/s from the persisted counters."""
+    from tools.cli import top
+    ns, ids, _ = DATASET["main"]
+    waits = []
+
+    def engine_works(seconds):
+        waits.append(seconds)
+        for _ in range(3):
+            assert engine.ask("match", ns=ns, ids=ids)["blocks"] == 5
+        engine.ask("flush")  # persists the engine's counters, as it does every few seconds
+
+    monkeypatch.setattr(top.time, "sleep", engine_works)
+    code, r, err = kv("top", "--config", engine.config, "--once", "--json", "--interval", "7")
+    assert code == 0 and waits == [7.0], err
+    assert round(r["requests_per_s"] * r["seconds"]) == 3
+    assert round(sum(r["hit_tokens_per_s"].values()) * r["seconds"]) == 3 * 5 * B
+    assert r["hit_rate"] == 1.0 and r["miss_tokens_per_s"] == 0
+    assert r["disk"]["entries"] == TOTAL_BLOCKS and r["disk"]["budget"] == 4 << 20
+    monkeypatch.setattr(top.time, "sleep", lambda s: (engine.ask("match", ns=ns, ids=ids), engine.ask("flush")))
+    code, text, _ = kv("top", "--config", engine.config, "--once")
+    head, line = text.splitlines()
+    assert head.split()[:3] == ["time", "req/s", "hit"] and line.split()[2] == "100.0%"
+
+
+@pytest.mark.parametrize("argv", [["stats", "--path", "{store}"], ["ls", "--path", "{store}"], ["--help"]])
+def test_reading_commands_start_without_torch(argv, open_store, tmp_path):
+    """Importing torch takes over a second; commands that read only metadata never do (its
+    placeholder in sys.modules stays unloaded: kvstore.lazy_torch), so they start fast."""
+    store = open_store()
+    store.put(list(range(B)), [make_block(0)])
+    store.close()  # a store with a block layout in its settings: opening it needs the dtype's name only
+    args = [a.format(store=tmp_path / "store") for a in argv]
+    code = ("import sys\nfrom tools import cli\ntry:\n    rc = cli.main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('RESULT', rc, 'torch._C' in sys.modules, type(sys.modules.get('torch')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
+    assert out.stdout.splitlines()[-1] == "RESULT 0 False _LazyModule", out.stderr

@@ -223,3 +223,27 @@ def test_the_tokenizer_of_the_model_the_namespace_records(recorded, kv, tok, tok
     # Without a store, --namespace names the model just as well.
     code, r, err = kv("explain", a, a, "--namespace", ns, "--json")
     assert code == 0 and r["tokenizer"]["from"] == f"the model of namespace {ns}" and r["a"]["tokens"] == len(ids)
+
+
+def test_openai_content_parts_read_as_the_joined_text(kv, tok, tokdir, tmp_path):
+    """`"content": [{"type": "text", ...}]` is what OpenAI clients send; the template gets the
+    parts joined (as vLLM joins them), so the prompt tokenizes as the plain-string one does."""
+    parts = [{"type": "text", "text": "What is the capital of France,"},
+             {"type": "text", "text": "and since when has it been the capital?"}]
+    a = write(tmp_path, "a.json", [SYSTEM, {"role": "user", "content": parts}])
+    b = write(tmp_path, "b.json", [SYSTEM, {"role": "user", "content": "\n".join(p["text"] for p in parts)}])
+    code, r, err = kv("explain", a, b, "--tokenizer", tokdir, "--block-tokens", BT, "--json")
+    assert code == 0, err
+    want = tok.apply_chat_template([SYSTEM, json.loads(b.read_text())[1]], tokenize=True, add_generation_prompt=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert r["a"]["tokens"] == r["b"]["tokens"] == len(want) and r["first_different_token"] is None
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(kv, tok, tokdir, tmp_path):
+    size = len(tok)
+    a = write(tmp_path, "a.json", [1, 2, 3, size - 1])
+    b = write(tmp_path, "b.json", [1, 2, size, 4])
+    code, _, err = kv("explain", a, b, "--tokenizer", tokdir)
+    assert code == 1 and f"b.json: token id {size} at position 2 is beyond the tokenizer's vocabulary " \
+                          f"(ids 0 to {size - 1})" in err
+    assert kv("explain", a, a, "--tokenizer", tokdir)[0] == 0

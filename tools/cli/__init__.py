@@ -4,7 +4,7 @@ it open.
 Every command takes ``--path`` (or ``KVSTORE_PATH``), ``--config`` (or ``KVSTORE_CONFIG`` and the
 ``KVSTORE_*`` settings the engine reads: the disk budget, TTL and block size shown come from
 there) and ``--json``. Errors are one line on stderr and a non-zero exit code: 2 for bad
-arguments, 1 for a store or input that cannot be used; ``verify`` exits 3 when it found corrupt
+arguments (options that do not go together included), 1 for a store or input that cannot be used; ``verify`` exits 3 when it found corrupt
 records it did not remove (``inspect`` when the record is corrupt).
 
 Commands read the disk tier through short LMDB read transactions, which never block an engine's
@@ -12,9 +12,9 @@ writes. A purge removes blocks from the disk tier and logs them there; running e
 same blocks from their RAM tiers within a second.
 
 Layout: one module a command (``stats``, ``ls``, ``inspect_block``, ``purge``, ``verify``,
-``explain``, ``serve_metrics``), each with ``run(args)`` computing plain data; ``render`` turns
+``explain``, ``serve_metrics``, ``top``), each with ``run(args)`` computing plain data; ``render`` turns
 that data into text or JSON; ``reading`` is the one place that calls into the store; ``blocks``,
-``prompts``, ``options`` and ``progress`` hold what several commands share; ``parser`` builds the
+``prompts``, ``options``, ``counters`` and ``progress`` hold what several commands share; ``parser`` builds the
 command line. A command module imports no other command module.
 """
 
@@ -25,7 +25,7 @@ import sys
 
 from kvstore import KVStoreError
 
-from .options import duration as _duration, positive_int as _positive_int  # noqa: F401 (tests use them)
+from .options import UsageError, duration as _duration, positive_int as _positive_int  # noqa: F401 (tests use them)
 from .parser import COMMANDS, build_parser
 from .render import one_line, print_text, render
 
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command].run(args)
+    except UsageError as e:  # as argparse reports its own: exit 2, and where to read more
+        print(f"kvstore {args.command}: error: {one_line(str(e))} (see kvstore {args.command} --help)",
+              file=sys.stderr)
+        return 2
     except (KVStoreError, OSError, ValueError) as e:
         # Bad input and unusable stores are reported, not traced: one line naming the problem.
         print(f"kvstore {args.command}: error: {one_line(str(e))}", file=sys.stderr)

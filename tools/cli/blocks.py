@@ -27,7 +27,7 @@ def expires(meta: EntryMeta, ttl: float) -> float:
 def entry_json(key: bytes, m: EntryMeta, names: dict[int, str], ttl: float, bt: int, now: float) -> dict:
     """One block as data (the rows of ``ls``, the head of ``inspect``)."""
     return {
-        "key": key.hex(), "namespace": ns_label(names, m.namespace_id),
+        "key": key.hex(), "namespace": ns_label(names, m.namespace_id), "namespace_id": short_id(m.namespace_id),
         "depth": m.depth, "tokens": f"{m.depth * bt}-{(m.depth + 1) * bt - 1}", "parent": m.parent.hex() or None,
         "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
         "created": iso(m.created), "last_access": iso(m.last_access),
@@ -36,18 +36,38 @@ def entry_json(key: bytes, m: EntryMeta, names: dict[int, str], ttl: float, bt: 
     }
 
 
-def namespace_filter(text: str) -> int:
-    """The id of the namespace named ``text`` (a name, or ``#`` and its 16 hex digits).
+def short_id(ns_id: int) -> str:
+    """A namespace's short form: ``#`` and the first 8 of its 16 hex digits (accepted wherever
+    a namespace is, as long as it is unique in the store)."""
+    return f"#{ns_id:016x}"[:9]
+
+
+def namespace_filter(text: str, names: dict[int, str]) -> int:
+    """The id of the store's namespace ``text`` names: its name, or ``#`` and a unique prefix
+    (4 to 16 hex digits) of its id, as ``stats`` and ``ls`` print it.
 
     Raises:
-        KVStoreError: ``#`` followed by something other than hex digits.
+        KVStoreError: not a namespace of this store (the message lists the ones it has), or an
+            ambiguous or malformed id.
     """
+    def known() -> str:
+        shown = [f"{n} ({short_id(i)})" for i, n in sorted(names.items(), key=lambda kv: kv[1])]
+        return "; it holds " + (", ".join(shown[:8]) + (" …" if len(shown) > 8 else "") if shown else "none")
+
     if text.startswith("#"):
-        try:
-            return int(text[1:], 16)
-        except ValueError:
-            raise KVStoreError(f"--namespace {text}: expected '#' and 16 hex digits") from None
-    return namespace_id(text)
+        digits = text[1:].lower()
+        if not 4 <= len(digits) <= 16 or any(c not in "0123456789abcdef" for c in digits):
+            raise KVStoreError(f"--namespace {text}: expected a name, or '#' and 4 to 16 hex digits of its id")
+        found = [i for i in names if f"{i:016x}".startswith(digits)]
+        if len(found) > 1:
+            raise KVStoreError(f"--namespace {text} is ambiguous: {len(found)} namespaces match; give more digits")
+        if not found:
+            raise KVStoreError(f"--namespace {text}: no namespace of this store has that id{known()}")
+        return found[0]
+    ns_id = namespace_id(text)
+    if ns_id not in names:
+        raise KVStoreError(f"--namespace {text}: no such namespace in this store{known()}")
+    return ns_id
 
 
 def find_key(entries: list[tuple[bytes, EntryMeta]], text: str) -> bytes:

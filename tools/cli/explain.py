@@ -9,7 +9,8 @@ import time
 from kvstore.keys import block_keys
 
 from .. import explain as explainlib
-from .options import prompt_options
+from .blocks import namespace_filter
+from .options import count, prompt_options
 from .prompts import TokenizerChoice, chat_template
 from .reading import StoreView, config, namespace_names, open_view, store_given
 from .render import Result
@@ -23,8 +24,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                     "and how much of B hits after A. With --path, also what the store holds.")
     ep.add_argument("a", metavar="A", help="prompt file: text, JSON token ids, or JSON chat messages")
     ep.add_argument("b", metavar="B", help="prompt file, same kinds")
-    ep.add_argument("--namespace", help="namespace of the keys (default: the store's that holds the prompts)")
-    ep.add_argument("--context", type=int, default=8, metavar="N", help="tokens shown around the split (default 8)")
+    ep.add_argument("--namespace", help="namespace of the keys, a name or (with a store) its '#' id "
+                                        "(default: the store's that holds the prompts)")
+    ep.add_argument("--context", type=count, default=8, metavar="N", help="tokens shown around the split (default 8)")
     prompt_options(ep)
 
 
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> Result:
     decode = None
     if args.tokenizer or a.kind != "ids" or b.kind != "ids":  # ids alone are shown undecoded
         tok = tokenizer()
+        for p in (a, b):  # ids beyond the vocabulary would be explained as tokens they are not
+            explainlib.check_vocabulary(p, tok)
         decode = lambda t: tok.decode([t])  # noqa: E731
     held = None
     namespace = args.namespace
@@ -45,6 +49,9 @@ def run(args: argparse.Namespace) -> Result:
             bt = args.block_tokens or view.block_tokens
             now = time.time()
             others: list[str] = []
+            if namespace is not None and namespace.startswith("#"):  # a short id: keys need the name
+                names = view.namespaces()
+                namespace = names[namespace_filter(namespace, names)]
             if namespace is None:
                 namespace, others = _pick_namespace(view, [a.ids, b.ids], bt, now)
             keys = list(dict.fromkeys(block_keys(namespace, a.ids, bt) + block_keys(namespace, b.ids, bt)))

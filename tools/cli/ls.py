@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from .blocks import entry_json, namespace_filter
-from .options import duration
+from kvstore import KVStoreError
+
+from .blocks import entry_json, namespace_filter, ns_label
+from .options import count, duration, hex_prefix
 from .reading import open_view
 from .render import Result
 
@@ -23,15 +25,15 @@ SORTS = {
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     ls = sub.add_parser(NAME, parents=[common], help="list blocks with filters, sorting and paging")
     ls.add_argument("--namespace", help="only this namespace (its name, or '#' and its id)")
-    ls.add_argument("--key", metavar="HEX", help="only keys starting with HEX")
+    ls.add_argument("--key", type=hex_prefix, metavar="HEX", help="only keys starting with HEX")
     ls.add_argument("--older-than", type=duration, metavar="AGE", help="created more than AGE ago (e.g. 6h)")
     ls.add_argument("--newer-than", type=duration, metavar="AGE", help="created less than AGE ago")
     ls.add_argument("--idle-longer-than", type=duration, metavar="AGE", help="unused for more than AGE (e.g. 2d)")
     ls.add_argument("--pinned", action="store_true", help="only pinned blocks")
     ls.add_argument("--sort", choices=SORTS, default="last-access", help="order (default: most recently used first)")
     ls.add_argument("--reverse", action="store_true", help="reverse the order")
-    ls.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows (0: all; default 50)")
-    ls.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N rows")
+    ls.add_argument("--limit", type=count, default=50, metavar="N", help="at most N rows (0: all; default 50)")
+    ls.add_argument("--offset", type=count, default=0, metavar="N", help="skip the first N rows")
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -39,8 +41,12 @@ def run(args: argparse.Namespace) -> Result:
         now = time.time()
         entries, names = view.entries(), view.namespaces()
         ttl, bt = view.ttl_s, view.block_tokens
-    ns_id = namespace_filter(args.namespace) if args.namespace else None
-    key_prefix = args.key.lower() if args.key else None
+    known = {**{m.namespace_id: ns_label(names, m.namespace_id) for _, m in entries}, **names}
+    ns_id = namespace_filter(args.namespace, known) if args.namespace else None
+    key_prefix = args.key
+    if key_prefix is not None and not any(k.hex().startswith(key_prefix) for k, _ in entries):
+        # A key that is not there is most often a typo or another store: say so, not "0 rows".
+        raise KVStoreError(f"--key {key_prefix}: no block of this store has a key starting so")
     rows = [
         (k, m) for k, m in entries
         if (ns_id is None or m.namespace_id == ns_id)

@@ -96,4 +96,6 @@ def chat_template(args: argparse.Namespace) -> str | None:
         with open(args.chat_template, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise KVStoreError(f"{args.chat_template}: cannot read: {e.strerror or e}") from None
+        raise KVStoreError(f"--chat-template {args.chat_template}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise KVStoreError(f"--chat-template {args.chat_template}: not UTF-8 text (expected a Jinja template)") from None

@@ -4,14 +4,12 @@ every block chained below them, which nothing could reach any more."""
 from __future__ import annotations
 
 import argparse
-import time
 
-from kvstore import KVStoreError
 from kvstore.keys import block_keys
 
 from .. import explain as explainlib
 from .blocks import namespace_filter, ns_label
-from .options import duration, prompt_options
+from .options import UsageError, count, duration, prompt_options
 from .prompts import TokenizerChoice, chat_template
 from .reading import namespace_names, open_view
 from .render import Result
@@ -27,7 +25,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     pp.add_argument("--namespace", help="only this namespace (its name, or '#' and its id)")
     pp.add_argument("--prefix-of", metavar="PROMPT",
                     help="a prompt file: its blocks and every block chained below them")
-    pp.add_argument("--from-block", type=int, default=0, metavar="I",
+    pp.add_argument("--from-block", type=count, default=0, metavar="I",
                     help="with --prefix-of: keep the prompt's blocks before block I (e.g. a shared system prompt)")
     prompt_options(pp)
     pp.add_argument("--dry-run", action="store_true", help="report what would go, remove nothing")
@@ -37,10 +35,10 @@ def run(args: argparse.Namespace) -> Result:
     criteria = (args.all, args.older_than is not None, args.idle_longer_than is not None,
                 args.namespace is not None, args.prefix_of is not None)
     if not any(criteria):
-        raise KVStoreError("say what to remove: --all, --older-than, --idle-longer-than, "
+        raise UsageError("say what to remove: --all, --older-than, --idle-longer-than, "
                            "--namespace or --prefix-of")
     if args.all and any(criteria[1:]):
-        raise KVStoreError("--all removes everything: it combines with no other criterion")
+        raise UsageError("--all removes everything: it combines with no other criterion")
     prompt = None
     if args.prefix_of:
         tokenizer = TokenizerChoice(args, lambda: namespace_names(args))
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace) -> Result:
     with open_view(args, writable=not args.dry_run) as view:
         names = view.namespaces()
         bt = args.block_tokens or view.block_tokens
-        ns_id = namespace_filter(args.namespace) if args.namespace else None
+        ns_id = namespace_filter(args.namespace, names) if args.namespace else None
         prompt_keys: set[bytes] | None = None
         if prompt is not None:
             # A prompt's keys depend on the namespace: with none given, take it out of every one.

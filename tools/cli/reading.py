@@ -88,6 +88,11 @@ class StoreView:
         """The disk tier's entries, bytes (stored and raw) and budget."""
         return self._disk.usage()
 
+    def file_usage(self) -> dict[str, int]:
+        """The disk tier's data file: its size, and what inside it holds data or is free for
+        reuse (``LMDBEnv.file_usage``)."""
+        return self._disk.env.file_usage()
+
     def settings(self) -> dict[str, Any]:
         """The settings stored with the data (block size, budget, TTL, codec, layout)."""
         return self.store.settings()
@@ -108,9 +113,10 @@ class StoreView:
         """What a purge with ``criteria`` (``KVStore.plan_purge``'s) removes, cascade included."""
         return self.store.plan_purge(**criteria)
 
-    def remove(self, keys: frozenset[bytes]) -> int:
-        """Removes exactly ``keys`` (a plan's); returns how many blocks went."""
-        return self.store.remove(keys)
+    def remove(self, keys: frozenset[bytes], reason: str = "purge") -> int:
+        """Removes exactly ``keys`` (a plan's) for ``reason`` (``KVStore.remove``'s); returns
+        how many blocks went."""
+        return self.store.remove(keys, reason)
 
 
 def open_view(args: argparse.Namespace, writable: bool = False) -> StoreView:
@@ -121,13 +127,29 @@ def open_view(args: argparse.Namespace, writable: bool = False) -> StoreView:
         KVStoreError: no path, not a store, a newer format, or an unusable directory.
     """
     cfg = config(args)
-    if not os.path.isfile(os.path.join(cfg.path, "disk", "data.mdb")):
+    data = os.path.join(cfg.path, "disk", "data.mdb")
+    if not os.path.isfile(data):
         raise KVStoreError(f"{cfg.path}: not a kvstore store (no disk/data.mdb inside)")
+    if not _is_lmdb(data):
+        # LMDB would format an empty or foreign file as a new environment: never write there.
+        raise KVStoreError(f"{cfg.path}: not a kvstore store (disk/data.mdb is not an LMDB file)")
     store = KVStore.open(cfg, readonly=not writable)
     if store.tier("disk") is None:
         store.close()
         raise KVStoreError(f"{cfg.path}: the config disables the disk tier (disk_bytes = 0)")
     return StoreView(store)
+
+
+# An LMDB data file starts with a meta page: a 16-byte page header, then this magic number.
+_LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
+
+
+def _is_lmdb(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(20)[16:20] == _LMDB_MAGIC
+    except OSError:
+        return True  # unreadable: the open says why
 
 
 def namespace_names(args: argparse.Namespace) -> list[str]:

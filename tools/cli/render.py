@@ -89,6 +89,12 @@ def print_text(text: str) -> None:
         print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
+def _per_tier_reason(nested: dict[str, dict[str, float]]) -> str:
+    """``{"disk": {"purge": 2, "ttl": 1}}`` -> ``disk: purge 2, ttl 1``."""
+    return "; ".join(f"{tier}: " + ", ".join(f"{r} {v:.0f}" for r, v in sorted(reasons.items()))
+                     for tier, reasons in sorted(nested.items()) if reasons) or "none"
+
+
 # -- one text view a command ------------------------------------------------------------------
 def stats_text(data: dict) -> str:
     now = time.time()
@@ -99,6 +105,9 @@ def stats_text(data: dict) -> str:
         f"disk tier    {d['entries']} blocks, {human_bytes(d['bytes'])} stored ({human_bytes(d['raw_bytes'])} raw"
         f"{ratio}) of a {human_bytes(d['budget'])} budget ({100 * d['bytes'] / d['budget']:.1f}% used)"
         if d["budget"] else f"disk tier    {d['entries']} blocks",
+        f"data file    {human_bytes(d['file']['file_bytes'])} (disk/data.mdb): {human_bytes(d['file']['data_bytes'])} "
+        f"in use, {human_bytes(d['file']['free_bytes'])} free for reuse, "
+        f"{human_bytes(max(d['file']['file_bytes'] - d['file']['written_bytes'], 0))} never written",
         f"             idle TTL {span(d['ttl_s'])}; {d['pinned']} pinned; {d['expired']} expired "
         f"(removed by the next write)",
         f"created      oldest {when(d['oldest_created'], now)}, newest {when(d['newest_created'], now)}",
@@ -107,8 +116,11 @@ def stats_text(data: dict) -> str:
         f"requests     {lifetime['requests']:.0f}; hit tokens {lifetime['hit_tokens_total']:.0f} "
         f"({', '.join(f'{t} {v:.0f}' for t, v in sorted(lifetime['hit_tokens'].items())) or 'none'}), "
         f"miss tokens {lifetime['miss_tokens']:.0f}; hit rate {100 * lifetime['hit_rate']:.1f}%",
-        "evictions    " + (", ".join(f"{k} {v:.0f}" for k, v in sorted(lifetime["evictions"].items())) or "none")
-        + f"; dropped writes {lifetime['dropped_writes']:.0f}; corrupt records {lifetime['corrupt_records']:.0f}",
+        f"evictions    {lifetime['evictions_total']:.0f} ({_per_tier_reason(lifetime['evictions'])})",
+        f"dropped      {lifetime['dropped_writes_total']:.0f} writes ({_per_tier_reason(lifetime['dropped_writes'])}); "
+        f"corrupt records {lifetime['corrupt_records_total']:.0f}"
+        + (f" ({', '.join(f'{t} {v:.0f}' for t, v in sorted(lifetime['corrupt_records'].items()))})"
+           if lifetime["corrupt_records_total"] else ""),
     ]
     r = data["tiers"].get("remote")
     if r is not None:
@@ -122,18 +134,18 @@ def stats_text(data: dict) -> str:
     if data["namespaces"]:
         lines.append("namespaces")
         for name, v in sorted(data["namespaces"].items(), key=lambda kv: -kv[1]["bytes"]):
-            lines.append(f"  {v['entries']:>8} blocks  {human_bytes(v['bytes']):>10}  longest "
+            lines.append(f"  {v['id']}  {v['entries']:>8} blocks  {human_bytes(v['bytes']):>10}  longest "
                          f"{v['longest_chain_tokens']:>7} tokens  {name}")
     return "\n".join(lines)
 
 
 def ls_text(data: dict) -> str:
     now = time.time()
-    lines = [f"{'KEY':<12}  {'BLOCK':>5}  {'RAW':>9}  {'STORED':>9}  {'CREATED':>10}  {'LAST USE':>10}  "
+    lines = [f"{'KEY':<12}  {'NS':<9}  {'BLOCK':>5}  {'RAW':>9}  {'STORED':>9}  {'CREATED':>10}  {'LAST USE':>10}  "
              f"{'EXPIRES':>10}  {'PINNED':>10}  NAMESPACE"]
     for e in data["entries"]:
         pin = ago(e["pinned_until"], now).removeprefix("in ") if e["pinned_until"] else "-"
-        lines.append(f"{e['key'][:12]:<12}  {e['depth']:>5}  {human_bytes(e['raw_bytes']):>9}  "
+        lines.append(f"{e['key'][:12]:<12}  {e['namespace_id']:<9}  {e['depth']:>5}  {human_bytes(e['raw_bytes']):>9}  "
                      f"{human_bytes(e['stored_bytes']):>9}  {ago(e['created'], now):>10}  "
                      f"{ago(e['last_access'], now):>10}  {ago(e['expires'], now):>10}  {pin:>10}  "
                      f"{e['namespace']}")
@@ -209,6 +221,22 @@ def verify_text(data: dict) -> str:
     elif bad:
         lines.append("run again with --repair to remove them (each is already served as a miss)")
     return "\n".join(lines)
+
+
+def top_header() -> str:
+    return (f"{'time':<8}  {'req/s':>8}  {'hit':>6}  {'hit tok/s':>10}  {'miss tok/s':>10}  "
+            f"{'stored/s':>9}  {'evict/s':>8}  {'drop/s':>7}  {'disk':>9}  {'used':>6}")
+
+
+def top_line(r: dict) -> str:
+    """One interval of ``kvstore top``: totals over the tiers here, per tier in --json."""
+    d = r["disk"]
+    evict = sum(v for reasons in r["evictions_per_s"].values() for v in reasons.values())
+    used = f"{100 * d['bytes'] / d['budget']:.1f}%" if d["budget"] else "-"
+    return (f"{time.strftime('%H:%M:%S'):<8}  {r['requests_per_s']:>8.1f}  {100 * r['hit_rate']:>5.1f}%  "
+            f"{sum(r['hit_tokens_per_s'].values()):>10.0f}  {r['miss_tokens_per_s']:>10.0f}  "
+            f"{sum(r['stored_blocks_per_s'].values()):>9.1f}  {evict:>8.1f}  {r['dropped_writes_per_s']:>7.1f}  "
+            f"{human_bytes(d['bytes']):>9}  {used:>6}")
 
 
 TEXT: dict[str, Callable[[Any], str]] = {

@@ -8,6 +8,9 @@ import json
 import signal
 import threading
 
+from kvstore import KVStoreError
+
+from .options import port, positive_seconds
 from .reading import open_view
 from .render import Result, print_text
 
@@ -19,8 +22,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                         description="Serve Prometheus metrics (/metrics) and the dashboard (/) for a store, "
                                     "from outside the engine: disk-tier figures only.")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sp.add_argument("--port", type=int, default=9477, help="port (default 9477; 0 picks a free one)")
-    sp.add_argument("--interval", type=float, default=5.0, metavar="S", help="dashboard sampling interval (default 5 s)")
+    sp.add_argument("--port", type=port, default=9477, help="port (default 9477; 0 picks a free one)")
+    sp.add_argument("--interval", type=positive_seconds, default=5.0, metavar="S",
+                    help="dashboard sampling interval, seconds > 0 (default 5)")
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -28,8 +32,12 @@ def run(args: argparse.Namespace) -> Result:
     from ..exporter import start_metrics_server  # prometheus_client: only this command needs it
 
     with open_view(args) as view:
-        server = start_metrics_server(view.store, args.host, args.port, process_counters=False,
-                                      interval_s=args.interval)
+        try:
+            server = start_metrics_server(view.store, args.host, args.port, process_counters=False,
+                                          interval_s=args.interval)
+        except OSError as e:  # the address is taken or cannot be bound: say which one
+            raise KVStoreError(f"--host {args.host} --port {args.port}: cannot listen there: "
+                               f"{e.strerror or e}") from None
         with server:
             info = {"url": server.url, "metrics": server.url + "metrics", "dashboard": server.url}
             print_text(json.dumps(info) if args.json else

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .blocks import iso, ns_label
+from .blocks import iso, ns_label, short_id
+from .counters import lifetime_counters
 from .reading import open_view
 from .render import Result
 
@@ -18,32 +19,6 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    description="Entries, bytes (stored and raw), budget, TTL, pins, ages and namespaces of the disk tier.")
 
 
-def lifetime_counters(flat: dict[str, float]) -> dict:
-    """The store's persisted counters (``name|label=value,...`` -> value), grouped for stats."""
-    def series(name: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for key, value in flat.items():
-            n, _, labels = key.partition("|")
-            if n == name:
-                out[labels or "total"] = out.get(labels or "total", 0) + value
-        return out
-
-    hits = {k.removeprefix("tier="): v for k, v in series("hit_tokens").items()}
-    hit, miss = sum(hits.values()), sum(series("miss_tokens").values())
-    return {
-        "requests": sum(series("requests").values()),
-        "hit_tokens": hits, "hit_tokens_total": hit, "miss_tokens": miss,
-        "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
-        "evictions": series("evictions"),
-        "dropped_writes": sum(series("dropped_writes").values()),
-        "corrupt_records": sum(series("corrupt_records").values()),
-        "remote": {"hits": sum(series("remote_hits").values()),
-                   "misses": sum(series("remote_misses").values()),
-                   "errors": {k.split("reason=")[-1].split(",")[0]: v
-                              for k, v in series("remote_errors").items()}},
-    }
-
-
 def run(args: argparse.Namespace) -> Result:
     with open_view(args) as view:
         now = time.time()
@@ -52,10 +27,12 @@ def run(args: argparse.Namespace) -> Result:
         lifetime = lifetime_counters(view.counters())
         stored = view.settings()
         remote = view.remote()
+        file = view.file_usage()
     per_ns: dict[str, dict[str, int]] = {}
     for _, m in entries:
         ns = per_ns.setdefault(ns_label(names, m.namespace_id),
-                               {"entries": 0, "bytes": 0, "raw_bytes": 0, "longest_chain_tokens": 0})
+                               {"id": short_id(m.namespace_id), "entries": 0, "bytes": 0, "raw_bytes": 0,
+                                "longest_chain_tokens": 0})
         ns["entries"] += 1
         ns["bytes"] += m.stored_bytes
         ns["raw_bytes"] += m.raw_bytes
@@ -73,6 +50,9 @@ def run(args: argparse.Namespace) -> Result:
             "used": u.bytes / u.budget if u.budget else None,
             "compression_ratio": u.raw_bytes / u.bytes if u.bytes else None,
             "ttl_s": ttl, "pinned": pinned, "expired": expired,
+            # The bytes above are the records' sizes; the file holds them in LMDB pages, keeps
+            # freed pages for reuse and never shrinks.
+            "file": file,
             "oldest_created": iso(min(created, default=None)),
             "newest_created": iso(max(created, default=None)),
             "least_recent_access": iso(min(access, default=None)),

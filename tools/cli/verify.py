@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> Result:
                     still.add(key)
             plan = view.plan_purge(keys=still)  # and what is chained below them
             below = set(plan.chained_below)
-            view.remove(plan.keys)
+            # The bad records count as corrupt (evictions and corrupt records in stats); the
+            # blocks chained below them, sound but unreachable now, as purged.
+            view.remove(frozenset(still), reason="corrupt")
+            view.remove(plan.keys - still)
             repaired = sorted(still)
     data = {"checked": len(entries), "ok": ok, "corrupt": len(bad), "vanished": vanished,
             "seconds": round(seconds, 3),

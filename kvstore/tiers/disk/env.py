@@ -245,6 +245,22 @@ class LMDBEnv:
     def info(self) -> dict:
         return self._env.info()
 
+    def file_usage(self) -> dict[str, int]:
+        """How the data file is used: ``file_bytes`` (its size; allocated up to the map, and
+        it never shrinks), ``written_bytes`` (LMDB's high-water mark: the pages ever used),
+        ``data_bytes`` (pages the databases hold now: records, metadata, indexes) and
+        ``free_bytes`` (written pages free for reuse by later writes; LMDB's own free list is
+        counted among them, which it is too small to matter).
+        """
+        with self.reading() as txn:
+            info, main = self._env.info(), self._env.stat()
+            stats = [main] + [txn.stat(db) for db in self.dbs.values() if db is not None]
+        psize = main["psize"]
+        data = 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)  # 2: meta pages
+        written = info["last_pgno"] + 1
+        return {"file_bytes": (self.path / "data.mdb").stat().st_size, "written_bytes": written * psize,
+                "data_bytes": data * psize, "free_bytes": max(written - data, 0) * psize}
+
     @contextlib.contextmanager
     def _resizing(self):
         """Holds ``resize.lock``: one process at a time opens or changes its map (see top)."""

@@ -16,11 +16,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from ...codec import Codec
 from ...errors import CorruptEntryError
 from ...eviction import EntryMeta, is_expired, is_live, is_pinned
+from ...lazy_torch import torch
 from ...metrics import Metrics
 from ..base import BlockEntry, Evicted, EvictCallback, TierUsage
 from .env import NO_SPACE, LMDBEnv, LMDBError
@@ -55,7 +54,10 @@ class DiskTier:
     name = "disk"
     slow = True  # writes go through a write-behind queue, loads run on the store's io threads
     shared = True  # other processes on this machine see (and purge) the same blocks
-    device = torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # a property: torch is imported on first use (lazy_torch)
 
     def __init__(self, path: str | os.PathLike | None, capacity_bytes: int, ttl_s: float,
                  codec: Codec, metrics: Metrics | None = None, readonly: bool = False,
@@ -379,11 +381,14 @@ class DiskTier:
     def delete_many(self, keys: Sequence[bytes]) -> int:
         return len(self._delete(keys, "purge"))
 
-    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float,
+              reason: str = "purge") -> list[Evicted]:
         chosen = [k for k, m in self.entries() if select(k, m)]
         gone = []
         for i in range(0, len(chosen), _PURGE_BATCH):  # bounded write transactions
-            gone += self._delete(chosen[i:i + _PURGE_BATCH], "purge")
+            gone += self._delete(chosen[i:i + _PURGE_BATCH], reason)
+        if reason == "corrupt" and gone:  # a repair: the records failed their checksums
+            self.metrics.add("corrupt_records", len(gone), tier=self.name)
         return gone
 
     def expire(self, now: float) -> list[Evicted]:

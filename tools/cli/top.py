@@ -1,0 +1,68 @@
+"""``kvstore top``: live rates from the store's persisted lifetime counters, like
+``redis-cli --stat``; works from outside the engines.
+
+Each line compares two samples of the counters every process persisted (engines flush theirs
+every few seconds while they write), so a rate covers whole flushes: it is exact over the
+interval's flushes, and an interval shorter than the engines' flush period shows bursts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .counters import lifetime_counters
+from .options import positive_seconds
+from .reading import open_view
+from .render import Result, print_text, top_header, top_line
+
+NAME = "top"
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    tp = sub.add_parser(NAME, parents=[common], help="live rates: requests/s, hit rate, stores and evictions/s",
+                        description="Print the store's rates every interval, from the lifetime counters "
+                                    "every process persists (requests/s, hit rate, hit tokens/s and stored "
+                                    "blocks/s by tier, evictions/s by tier and reason, disk occupancy).")
+    tp.add_argument("--interval", type=positive_seconds, default=5.0, metavar="S",
+                    help="seconds between samples, > 0 (default 5)")
+    tp.add_argument("--once", action="store_true", help="one interval, one line, then exit")
+
+
+def sample(view) -> tuple[float, dict[str, float], dict]:
+    u = view.usage()
+    return time.monotonic(), view.counters(), {"entries": u.entries, "bytes": u.bytes, "budget": u.budget}
+
+
+def rates(first: tuple, second: tuple) -> dict:
+    """The counters' rates between two samples, grouped as stats groups the totals."""
+    (t0, c0, _), (t1, c1, disk) = first, second
+    dt = t1 - t0
+    per_s = {k: (v - c0.get(k, 0.0)) / dt for k, v in c1.items()}
+    r = lifetime_counters(per_s)
+    return {"seconds": dt, "requests_per_s": r["requests"], "hit_rate": r["hit_rate"],
+            "hit_tokens_per_s": r["hit_tokens"], "miss_tokens_per_s": r["miss_tokens"],
+            "stored_blocks_per_s": r["stored_blocks"], "evictions_per_s": r["evictions"],
+            "dropped_writes_per_s": r["dropped_writes_total"], "disk": disk}
+
+
+def run(args: argparse.Namespace) -> Result:
+    """Prints a line an interval (a JSON object a line with --json) until Ctrl-C; no result."""
+    with open_view(args) as view:
+        last = sample(view)
+        lines = 0
+        while True:
+            time.sleep(args.interval)
+            now = sample(view)
+            r = rates(last, now)
+            last = now
+            if args.json:
+                print_text(json.dumps(r))
+            else:
+                if lines % 20 == 0:
+                    print_text(top_header())
+                print_text(top_line(r))
+            lines += 1
+            if args.once:
+                return Result(None)
