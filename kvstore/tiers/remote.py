@@ -35,9 +35,9 @@ from ..codec import Codec
 from ..config import parse_url
 from ..errors import ConfigError, CorruptEntryError
 from ..eviction import EntryMeta, is_expired, is_live
+from ..lazy_torch import torch
 from ..metrics import Metrics
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
-from ..lazy_torch import torch
 
 log = logging.getLogger(__name__)
 
