@@ -141,8 +141,8 @@ MUTATIONS = (
         "purge_skips_ram_tiers",
         "a purged block is never served again (the purge reaches every tier)",
         (("kvstore/store.py",
-          "removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now))",
-          "removed.update(ev.key for ev in (tier.purge(lambda k, m: k in gone, now) "
+          "removed.update(ev.key for ev in tier.purge(lambda k, m: k in gone, now, reason))",
+          "removed.update(ev.key for ev in (tier.purge(lambda k, m: k in gone, now, reason) "
           "if tier.slow else ()))"),),
         ("tests/test_store.py", "tests/test_store_stateful.py"), keyword="purge or TwoTiers"),
     Mutation(
@@ -246,7 +246,7 @@ MUTATIONS = (
         "remote_purge_does_not_reach_the_server",
         "kvstore purge removes the selected blocks from the remote tier too",
         (("kvstore/tiers/remote.py",
-          '        return self._remove([(k, m) for k, m in self.entries() if select(k, m)], "purge")',
+          '        return self._remove([(k, m) for k, m in self.entries() if select(k, m)], reason)',
           "        return []"),),
         ("tests/tiers/test_remote.py",), keyword="purge"),
     Mutation(

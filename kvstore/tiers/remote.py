@@ -420,8 +420,9 @@ class RemoteTier:
         self.metrics.add("evictions", len(chosen), tier=self.name, reason=reason)
         return [Evicted(k, m, None, reason) for k, m in chosen]
 
-    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float) -> list[Evicted]:
-        return self._remove([(k, m) for k, m in self.entries() if select(k, m)], "purge")
+    def purge(self, select: Callable[[bytes, EntryMeta], bool], now: float,
+              reason: str = "purge") -> list[Evicted]:
+        return self._remove([(k, m) for k, m in self.entries() if select(k, m)], reason)
 
     def expire(self, now: float) -> list[Evicted]:
         return self._remove([(k, m) for k, m in self.entries() if is_expired(m, now, self.ttl_s)], "ttl")
