@@ -14,7 +14,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -30,21 +29,9 @@ from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.slab import SlabTier
 
 from . import bench_remote, bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
+from .timing import best
 
 MiB = 1 << 20
-
-
-def best(fn: Callable[[], object], repeat: int = 5, setup: Callable[[], object] | None = None) -> float:
-    """Best wall time of ``repeat`` runs (the machine's capability, not its noise); ``setup``
-    runs untimed before each."""
-    times = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def drop_page_cache(path: Path) -> str:

@@ -25,20 +25,10 @@ from redis.retry import Retry
 from kvstore import KVStore, StoreConfig
 from kvstore.codec import byte_view
 
+from .timing import best
 from .valkey_server import ValkeyServer
 
 TARGETS = {"store_ratio": 0.9, "load_ratio": 1.0, "match_round_trips": 1, "breaker_added_ms": 1.0}
-
-
-def _best(fn, repeat: int = 3, setup=None) -> float:
-    times = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _store(path: Path, url: str, bt: int, blocks: list[torch.Tensor], **kw) -> KVStore:
@@ -70,8 +60,8 @@ def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> d
                 p.get(f"raw:{i}")
             p.execute()
 
-        set_s = _best(raw_set, setup=lambda: client.flushall())
-        get_s = _best(raw_get)
+        set_s = best(raw_set, repeat=3, setup=lambda: client.flushall())
+        get_s = best(raw_get, repeat=3)
         client.flushall()
 
         runs = iter(range(1000))

