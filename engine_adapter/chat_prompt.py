@@ -4,7 +4,7 @@ generated.
 Why: a chat that re-sends the model's answer as text gets it re-tokenized by the chat template,
 often into other ids than the ones generated (and stored), so the cached prefix breaks right
 after the earlier prompt. Here an assistant message whose text is one this server generated
-(``AnswerBook``) is rendered as those ids; everything else goes through the template as usual.
+(``answers.AnswerBook``) is rendered as those ids; everything else goes through the template as usual.
 
 How: the template renders the whole conversation as text; each message's content is located in
 it in order (``str.find`` from where the previous one ended); the text between own answers is
@@ -16,55 +16,11 @@ simply gets no splice.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import xxhash
-
-__all__ = ["AnswerBook", "Rendered", "render_chat"]
-
-
-class AnswerBook:
-    """Answers this server generated, by tenant and text: the content token ids to feed back.
-
-    Bounded (least recently used go first) and in memory: after a restart earlier answers are
-    rendered by the template again (a shorter hit, never a wrong one: the store only serves a
-    prefix whose ids match). Thread-safe.
-    """
-
-    def __init__(self, capacity: int = 4096):
-        if capacity < 0:
-            raise ValueError(f"capacity: expected >= 0, got {capacity}")
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._ids: collections.OrderedDict[bytes, tuple[int, ...]] = collections.OrderedDict()
-
-    @staticmethod
-    def _key(tenant: str, text: str) -> bytes:
-        return xxhash.xxh3_128_digest(tenant.encode() + b"\0" + text.encode())
-
-    def remember(self, tenant: str, text: str, ids: Sequence[int]) -> None:
-        """Records that ``text`` (as returned to the client) was generated as ``ids``."""
-        if not text or not ids or not self.capacity:
-            return
-        key = self._key(tenant, text)
-        with self._lock:
-            self._ids[key] = tuple(ids)
-            self._ids.move_to_end(key)
-            while len(self._ids) > self.capacity:
-                self._ids.popitem(last=False)
-
-    def lookup(self, tenant: str, text: str) -> list[int] | None:
-        """The ids ``text`` was generated as for ``tenant``, or None."""
-        key = self._key(tenant, text)
-        with self._lock:
-            ids = self._ids.get(key)
-            if ids is not None:
-                self._ids.move_to_end(key)
-        return None if ids is None else list(ids)
+__all__ = ["Rendered", "render_chat"]
 
 
 @dataclasses.dataclass

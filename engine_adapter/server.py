@@ -40,7 +40,7 @@ from kvstore import KVStore, StoreConfig
 from kvstore.prometheus import StoreCollector
 
 from .api_schemas import ChatRequest, CompletionRequest, api_error, validation_message
-from .chat_prompt import AnswerBook
+from .answers import AnswerBook
 from .engine_loop import Cancelled, EngineLoop, QueueFull
 from .hf import Prices
 from .service import Outcome, RequestError, Service
@@ -52,6 +52,7 @@ __all__ = ["ServerSettings", "create_app", "main"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DISCONNECT_POLL_S = 0.2
+ANSWER_LOG = "answers.log"  # in the store directory, beside the tiers' own files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,8 @@ class ServerSettings:
         max_queue: requests that may wait while one runs; one more gets 429.
         default_max_tokens: when a request names no max_tokens.
         hit_price_per_mtok, miss_price_per_mtok: prices for the usage's ``cost``.
-        answer_book: how many generated answers are remembered to feed back as their ids.
+        answer_book: how many generated answers are remembered to feed back as their ids (kept
+            in ``answers.log`` in the store directory, so they outlive a restart; 0: none).
         keys: a key file (see tenants.py); empty: one tenant, no key needed.
         model_name: the id clients send as ``model``; empty: the default model's name or the
             model directory's name.
@@ -137,6 +139,7 @@ def create_app(service: Service, tenants: Tenants, max_queue: int = 16) -> FastA
     async def lifespan(_app: FastAPI):
         yield
         engine.close()
+        service.answers.close()
 
     app = FastAPI(title="kvstore engine server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
@@ -365,7 +368,8 @@ def build(args: argparse.Namespace) -> tuple[FastAPI, KVStore]:
     store = KVStore.open(store_config)
     prices = Prices(settings.hit_price_per_mtok, settings.miss_price_per_mtok)
     service = Service(model, tokenizer, store, name, prices=prices,
-                      default_max_tokens=settings.default_max_tokens, answers=AnswerBook(settings.answer_book))
+                      default_max_tokens=settings.default_max_tokens,
+                      answers=AnswerBook(settings.answer_book, Path(args.store) / ANSWER_LOG))
     max_queue = settings.max_queue if args.max_queue is None else args.max_queue
     return create_app(service, tenants, max_queue), store
 

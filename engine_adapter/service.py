@@ -19,7 +19,8 @@ from kvstore import KVStore
 from kvstore.explain import Prompt, Span, compare
 
 from .api_schemas import ChatRequest, CompletionRequest
-from .chat_prompt import AnswerBook, Rendered, render_chat
+from .answers import AnswerBook
+from .chat_prompt import Rendered, render_chat
 from .engine_loop import Job
 from .generation import default_eos_ids
 from .hf import CachedLM, Prices, model_fingerprint

@@ -190,6 +190,18 @@ MUTATIONS = (
           "ids = None"),),
         ("tests/engine_adapter/test_server.py",), keyword="own_answers"),
     Mutation(
+        "server_answer_log_unused",
+        "the server's own answers outlive a restart (turn N+1 on a restarted server still hits them)",
+        (("engine_adapter/server.py", "AnswerBook(settings.answer_book, Path(args.store) / ANSWER_LOG)",
+          "AnswerBook(settings.answer_book, None)"),),
+        ("tests/engine_adapter/test_server.py",), keyword="outlive_a_restart"),
+    Mutation(
+        "answer_log_unverified",
+        "a torn or corrupt answer-log record is skipped, never read back as ids",
+        (("engine_adapter/answers.py", "                    or xxhash.xxh64_intdigest(body) != digest):",
+          "                    ):"),),
+        ("tests/engine_adapter/test_answers.py",), keyword="corrupt"),
+    Mutation(
         "server_sampling_unseeded",
         "with a seed, sampled output with a cache hit equals output without one",
         (("engine_adapter/sampling.py", "torch.multinomial(sorted_p, 1, generator=self._gen)",

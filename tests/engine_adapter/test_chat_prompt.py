@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from engine_adapter import scenarios as sc
-from engine_adapter.chat_prompt import AnswerBook, render_chat
+from engine_adapter.answers import AnswerBook
+from engine_adapter.chat_prompt import render_chat
 from engine_adapter.sampling import Sampler
 
 
@@ -48,13 +49,6 @@ def test_marks_give_the_token_position_of_a_content_end(smollm2):
     pos = r.marks[(2, len(msgs[2]["content"]))]
     assert tok.decode(r.ids[:pos]).endswith(msgs[2]["content"])
     assert not tok.decode(r.ids[:pos - 1]).endswith(msgs[2]["content"])
-
-
-def test_the_answer_book_is_bounded():
-    book = AnswerBook(capacity=2)
-    for i in range(3):
-        book.remember("", f"answer {i}", [i])
-    assert book.lookup("", "answer 0") is None and book.lookup("", "answer 2") == [2]
 
 
 def test_sampling_depends_on_the_seed_and_the_logits_only():

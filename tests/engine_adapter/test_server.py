@@ -285,6 +285,25 @@ def test_a_restarted_server_serves_from_disk(tmp_path, smollm2):
     assert again.choices[0].message.content == first.choices[0].message.content
 
 
+@pytest.mark.heavy  # two more server starts: make test-all
+def test_own_answers_outlive_a_restart(tmp_path):
+    """Turn 2 asked of a restarted server still hits turn 1's prompt plus its sampled answer:
+    the answer's ids come back from the log in the store directory (re-tokenizing this
+    seed's answer would part from them a block earlier)."""
+    msgs = [{"role": "user", "content": sc.CHAT_TURNS[0]}]
+    kw = dict(model=MODEL, temperature=1.0, seed=3)
+    with ServerProcess(tmp_path / "kv") as s:
+        c = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600)
+        first = c.chat.completions.create(messages=msgs, max_tokens=100, **kw)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": sc.CHAT_TURNS[1]}]
+    with ServerProcess(tmp_path / "kv") as s:
+        c = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600)
+        second = c.chat.completions.create(messages=msgs, max_tokens=4, **kw)
+    u = first.usage
+    assert second.usage.prompt_cache_hit_tokens == (u.prompt_tokens + u.completion_tokens) // BT * BT
+
+
 @pytest.mark.heavy  # a server of its own and 20 blocks of prefill (about 15 s): make test-all
 def test_cache_control_pins_survive_eviction(tmp_path, smollm2):
     """A small store (4 blocks in RAM, about 9 on disk): a prompt pinned with cache_control
