@@ -67,10 +67,10 @@ def default_eos_ids(model: PreTrainedModel) -> frozenset[int]:
 
 def _forward_step(model: PreTrainedModel, ids: list[int], start_pos: int, cache: DynamicCache) -> torch.Tensor:
     """Run ``ids`` at positions ``start_pos..`` through the model, extending ``cache``; return last logits."""
-    input_ids = torch.tensor([ids], dtype=torch.long)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     # transformers 5.x dropped `cache_position`; position_ids alone place the
     # tokens (RoPE) and, together with the cache length, build the causal mask.
-    position_ids = torch.arange(start_pos, start_pos + len(ids), dtype=torch.long).unsqueeze(0)
+    position_ids = torch.arange(start_pos, start_pos + len(ids), dtype=torch.long, device=model.device).unsqueeze(0)
     out = model(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -78,7 +78,9 @@ def _forward_step(model: PreTrainedModel, ids: list[int], start_pos: int, cache:
         use_cache=True,
         logits_to_keep=1,  # only the last row is needed; skips a (T x vocab) matmul
     )
-    return out.logits[0, -1]
+    # On the host (a no-op on CPU): the next token is needed there anyway, and samplers draw
+    # from a CPU generator, so a seed's draws do not depend on where the model runs.
+    return out.logits[0, -1].cpu()
 
 
 def prefill(

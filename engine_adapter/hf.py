@@ -186,7 +186,7 @@ class CachedLM:
         if self.prefill_chunk is not None:
             usable -= usable % (self.prefill_chunk // self.block_tokens)
         hit = usable * self.block_tokens
-        past = cache_from_blocks(blocks[:usable], self.layout, self.model.config) if usable else None
+        past = cache_from_blocks(blocks[:usable], self.layout, self.model.config, self.model.device) if usable else None
         t_lookup = time.perf_counter() - t0
         res = greedy_generate(self.model, prompt_ids, past, hit, max_new_tokens,
                               prefill_chunk=self.prefill_chunk, choose=choose, on_token=on_token)

@@ -139,12 +139,14 @@ def cache_from_blocks(
     blocks: Sequence[torch.Tensor],
     layout: KVLayout,
     model_config: PreTrainedConfig,
+    device: torch.device | str | None = None,
 ) -> DynamicCache:
     """Concatenate ``blocks`` (in token order, each of ``block_shape``) into a batch-1 cache.
 
     The returned cache covers positions ``[0, sum of block lengths)`` and is
     ready to pass as ``past_key_values`` (see :func:`greedy_generate`).  Its
-    tensors are in ``layout.dtype`` (the model's dtype); blocks in another
+    tensors are on ``device`` (the model's; default: the blocks') and in
+    ``layout.dtype`` (the model's dtype); blocks in another
     dtype are converted, which is only exact when no precision is lost.
     Blocks may have different ``block_tokens`` but must agree on every other
     dimension.
@@ -161,7 +163,7 @@ def cache_from_blocks(
             )
     data = []
     for layer in range(layout.num_layers):
-        kv = torch.cat([blk[layer] for blk in blocks], dim=2).to(layout.dtype)  # (2, H, T, D)
+        kv = torch.cat([blk[layer].to(device, non_blocking=True) for blk in blocks], dim=2).to(layout.dtype)  # (2, H, T, D)
         data.append((kv[0].unsqueeze(0), kv[1].unsqueeze(0)))
     # Passing the config makes the cache pick the layer classes the model
     # itself would create, so a mismatch surfaces here rather than mid-forward.

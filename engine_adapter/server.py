@@ -352,11 +352,30 @@ async def _sse(events, job, done, kind, req):
 
 
 # -- command line -----------------------------------------------------------------------------
+def resolve_device(name: str) -> str:
+    """``--device``: ``auto`` is ``cuda`` when a CUDA device is present, else ``cpu``.
+
+    Raises:
+        ValueError: not auto, cpu, cuda or cuda:N, or CUDA asked for and absent.
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    head, _, index = name.partition(":")
+    if head not in ("cpu", "cuda") or (index and (head == "cpu" or not index.isdigit())):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if head == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    return name
+
+
 def build(args: argparse.Namespace) -> tuple[FastAPI, KVStore]:
     """The app and its store from parsed arguments (the model loads here)."""
     from . import model_files
 
     store_config, settings = read_config(args.config, args.store)
+    device = resolve_device(args.device)
     keys = args.keys or settings.keys
     tenants = Tenants.from_file(keys) if keys else Tenants()
     if args.model:
@@ -365,6 +384,7 @@ def build(args: argparse.Namespace) -> tuple[FastAPI, KVStore]:
     else:
         model, tokenizer = model_files.load_default_model()
         name = args.model_name or settings.model_name or DEFAULT_MODEL_NAME
+    model.to(device)
     store = KVStore.open(store_config)
     prices = Prices(settings.hit_price_per_mtok, settings.miss_price_per_mtok)
     service = Service(model, tokenizer, store, name, prices=prices,
@@ -383,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", help="the model id clients send (default: the model's name)")
     p.add_argument("--config", help="TOML file with [kvstore] and [server] tables (docs/server.md)")
     p.add_argument("--keys", help="API key file: \"KEY\" = \"TENANT-SALT\" lines; every request then needs a key")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--max-queue", type=int, help="requests that may wait (default 16); one more gets 429")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

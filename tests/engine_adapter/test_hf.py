@@ -240,3 +240,29 @@ def test_a_second_machine_answers_from_the_remote_tier_with_the_same_output(smol
             assert second.usage["prompt_cache_hit_tokens"] >= 448
             assert b.metrics.value("hit_tokens", tier="remote") == second.usage["prompt_cache_hit_tokens"]
     assert second.output_ids == first.output_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_hit_is_bit_identical_from_the_device_tier_and_from_disk(tiny, tmp_path):
+    """The model on the GPU, the store's hot tier on it too: blocks are cut from the CUDA cache,
+    stored through pinned host memory to disk, and glued back on the GPU; a hit's first logits
+    equal an uncached CUDA run's bit for bit, whether they came from the device tier or disk."""
+    import copy
+
+    model, tok = copy.deepcopy(tiny[0]).to("cuda"), tiny[1]
+    cfg = StoreConfig(path=tmp_path / "kv", device="cuda", device_bytes="64MiB", host_bytes="64MiB",
+                      disk_bytes="1GiB")
+    doc = tok("the quick brown fox jumps over the lazy dog " * 30)["input_ids"]
+    plain = CachedLM(model, tok, None).generate(doc, max_new_tokens=8)
+    with KVStore.open(cfg) as s:
+        cached = CachedLM(model, tok, s)
+        cached.generate(doc, max_new_tokens=8)
+        hot = cached.generate(doc, max_new_tokens=8)
+        assert hot.hit_tiers.get("device", 0) > 0
+    with KVStore.open(cfg) as s:  # a restart: the blocks come from disk
+        cold = CachedLM(model, tok, s).generate(doc, max_new_tokens=8)
+    for r in (hot, cold):
+        assert r.usage["prompt_cache_hit_tokens"] == (len(doc) - 1) // BT * BT
+        assert r.first_logits.device.type == "cpu"
+        assert torch.equal(r.first_logits, plain.first_logits) and r.output_ids == plain.output_ids

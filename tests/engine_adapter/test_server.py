@@ -13,6 +13,7 @@ import urllib.request
 
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from engine_adapter import scenarios as sc
@@ -419,3 +420,19 @@ def test_explain_cache_miss_names_the_message_and_field(client, smollm2):
     assert r.usage.prompt_cache_hit_tokens == why["stored_prefix_hit_tokens"] == first // BT * BT > 0
     plain = client.chat.completions.create(model=MODEL, messages=changed, max_tokens=2, temperature=0)
     assert "cache_miss_explanation" not in (plain.model_extra or {})  # only when asked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_seeded_output_is_the_same_with_a_hit(tmp_path, smollm2):
+    """The model on the GPU (--device cuda) with a device tier: a sampled, seeded request gives
+    the same answer cold and with its aligned prefix from the cache."""
+    msgs = doc_messages(sc.DOC_QUESTIONS[0])
+    kw = dict(model=MODEL, messages=msgs, max_tokens=16, temperature=0.8, seed=11)
+    config = '[kvstore]\ndevice = "cuda"\ndevice_bytes = "256MiB"\n'
+    with ServerProcess(tmp_path / "kv", "--device", "cuda", config=config, tmp=tmp_path) as s:
+        c = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600)
+        cold, hot = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    assert cold.usage.prompt_cache_hit_tokens == 0
+    assert hot.usage.prompt_cache_hit_tokens == (len(chat_ids(smollm2[1], msgs)) - 1) // BT * BT
+    assert hot.choices[0].message.content == cold.choices[0].message.content

@@ -43,3 +43,17 @@ def test_key_file(tmp_path):
         f.write_text(bad)
         with pytest.raises(ValueError, match=fragment):
             Tenants.from_file(f)
+
+
+def test_device_choice():
+    import torch
+
+    from engine_adapter.server import resolve_device
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "cpu:0", "cuda:x", ""):
+        with pytest.raises(ValueError, match="--device: expected auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
+            resolve_device("cuda")
