@@ -333,7 +333,7 @@ def test_cache_control_pins_survive_eviction(tmp_path, smollm2):
         assert ask(quiz).prompt_cache_hit_tokens >= u.prompt_cache_pinned_tokens  # the pinned prefix stayed
 
 
-@pytest.mark.heavy  # 8 clients for KVSTORE_SERVER_LOAD_S (default 40) seconds: make test-all
+@pytest.mark.heavy  # 8 clients for KVSTORE_SERVER_LOAD_S (default 60, as the issue asks) seconds: make test-all
 def test_load_eight_clients_mixing_the_scenarios(tmp_path, smollm2):
     """8 concurrent clients mix the three scenarios against a queue of 4: the only error is 429,
     every answer equals a store-less run of the same request, and the server's memory stays
@@ -351,7 +351,7 @@ def test_load_eight_clients_mixing_the_scenarios(tmp_path, smollm2):
     reference = [plain.chat(m, max_new_tokens=8).text for m in requests]
     # After the warm-up every prompt is stored whole: each later request hits all its full blocks.
     want_hit = [(len(chat_ids(tok, m)) - 1) // BT * BT for m in requests]
-    duration = float(os.environ.get("KVSTORE_SERVER_LOAD_S", "40"))
+    duration = float(os.environ.get("KVSTORE_SERVER_LOAD_S", "60"))
     with ServerProcess(tmp_path / "kv", "--max-queue", "4", config='[kvstore]\nhost_bytes = "256MiB"\n',
                        tmp=tmp_path) as s:
         proc = psutil.Process(s.proc.pid)
