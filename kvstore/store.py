@@ -545,9 +545,9 @@ class KVStore:
             return writer.submit(entries) if writer is not None else [False] * len(entries)
         return self.tiers[level].put_many(entries, now, on_evict=self._spill_from(level))
 
-    def _held(self, level: int, keys: Sequence[bytes], now: float) -> list[bool]:
-        """Which ``keys`` tier ``level`` holds or has queued."""
-        held = self.tiers[level].contains_many(keys, now)
+    def _held(self, level: int, keys: Sequence[bytes], now: float, ask_tier: bool = True) -> list[bool]:
+        """Which ``keys`` tier ``level`` holds (unless not ``ask_tier``) or has queued."""
+        held = self.tiers[level].contains_many(keys, now) if ask_tier else [False] * len(keys)
         writer = self._writers.get(level)
         if writer is not None:
             held = [h or writer.queued(k) for h, k in zip(held, keys)]
@@ -630,7 +630,7 @@ class KVStore:
             # end up newer than their children.
             if tier.slow:
                 tier.touch_many(keys[:end], now)
-            held = self._held(level, new, now)
+            held = self._held(level, new, now, ask_tier=not tier.networked)
             pos = [j for j in range(len(blocks)) if not held[j]]
             entries = [BlockEntry(new[j], blocks[j],
                                   EntryMeta(ns_id, start_block + j,

@@ -126,7 +126,13 @@ class WriteBehind:
                 self._inflight += 1
             t0 = time.perf_counter()
             try:
-                stored = self.tier.put_many([e for e, _ in items], self.clock(), self.on_evict)
+                entries, now = [e for e, _ in items], self.clock()
+                if self.tier.networked:
+                    # put() does not ask a server what it holds on the caller's thread: ask
+                    # here, in one round trip, and send only what it lacks.
+                    held = self.tier.contains_many([e.key for e in entries], now)
+                    entries = [e for e, h in zip(entries, held) if not h]
+                stored = self.tier.put_many(entries, now, self.on_evict)
                 self.metrics.add("stored_blocks", stored.count(True), tier=self.tier.name)
                 self.metrics.observe("store_seconds", time.perf_counter() - t0)
                 if self.after_batch is not None:

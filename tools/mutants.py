@@ -249,6 +249,18 @@ MUTATIONS = (
           "        if False:"),),
         ("tests/tiers/test_remote.py",), keyword="stalled"),
     Mutation(
+        "remote_fault_raises",
+        "a connection reset in the middle of a remote batch is a counted miss, never an exception",
+        (("kvstore/tiers/remote.py", "            out = pipe.execute(raise_on_error=False)\n        except Exception as e:",
+          "            out = pipe.execute(raise_on_error=False)\n        except ValueError as e:"),),
+        ("tests/tiers/test_remote.py",), keyword="reset_mid_batch"),
+    Mutation(
+        "remote_asked_on_put",
+        "put() never waits on the remote server (it asks what the server holds on a writer thread)",
+        (("kvstore/store.py", "held = self._held(level, new, now, ask_tier=not tier.networked)",
+          "held = self._held(level, new, now)"),),
+        ("tests/tiers/test_remote.py",), keyword="never_waits"),
+    Mutation(
         "remote_record_not_verified",
         "a remote record is verified before use; a bad one is a counted miss, deleted",
         (("kvstore/tiers/remote.py", "                    self.codec.decode(rec, out)\n",

@@ -58,6 +58,7 @@ class Tier(Protocol):
     name: str  # in stats and metrics labels
     slow: bool  # writes go through a write-behind queue; loads run on the store's io threads
     shared: bool  # other processes see its blocks (and may purge them)
+    networked: bool  # each call is a round trip to a server: only writer threads ask it what it holds
     device: torch.device  # where ``get`` without ``out`` allocates when this tier is on top
 
     def configure(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -123,6 +123,7 @@ class RemoteTier:
     name = "remote"
     slow = True
     shared = True
+    networked = True
 
     @property
     def device(self) -> torch.device:

@@ -32,6 +32,7 @@ class SlabTier:
 
     slow = False
     shared = False
+    networked = False
 
     def __init__(self, name: str, capacity_bytes: int, ttl_s: float, device: str | torch.device = "cpu",
                  pin_memory: bool = True, metrics: Metrics | None = None):

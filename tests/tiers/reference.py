@@ -24,6 +24,7 @@ class ReferenceTier:
     name = "reference"
     slow = False
     shared = False
+    networked = False
     device = torch.device("cpu")
 
     def __init__(self, capacity_blocks: int, ttl_s: float):

@@ -271,3 +271,42 @@ def test_a_fresh_store_that_declares_its_layout_loads_what_others_stored(tmp_pat
         assert len(got) == 3 and all(same(x, y) for x, y in zip(got, bs))
         with pytest.raises(ValueError, match="expected shape"):
             b.declare_layout((1, 2), torch.bfloat16)
+
+
+def test_a_connection_reset_mid_batch_is_a_miss_never_a_torn_block(tmp_path, server):
+    """The server's reply to a pipelined load is cut by a reset halfway: the load returns at
+    most an exact prefix (no block from the torn reply), the fault is counted, and once the
+    tier reconnects the same load is whole and bit-exact."""
+    from .reset_proxy import ResetProxy
+
+    tokens, bs = prompt(7, 8), blocks(7, 8)
+    with open_remote(tmp_path, "a", server.url) as a:
+        a.put(tokens, bs)
+        assert a.flush()
+    with ResetProxy(server.port) as proxy, open_remote(tmp_path, "b", proxy.url) as b:
+        m = b.match(tokens)
+        assert m.tiers == ("remote",) * 8
+        proxy.reset_after(4 * block_nbytes())  # about half of the 8 records' reply
+        got = b.get(m)
+        assert proxy.resets == 1 and errors(b, "connection") == 1
+        assert len(got) < 8 and all(same(x, y) for x, y in zip(got, bs))
+        wait_until(lambda: b.tier("remote").reachable, "the tier reconnects")
+        m = b.match(tokens)
+        again = b.get(m)
+        assert len(again) == 8 and all(same(x, y) for x, y in zip(again, bs))
+
+
+def test_put_never_waits_on_the_server(tmp_path, server):
+    """put() asks the remote tier nothing on the caller's thread: with the server stalled, it
+    returns before the first timeout could fire (the writer thread's question then times out)."""
+    with open_remote(tmp_path, "a", server.url, remote_timeout_s=3.0) as a:
+        a.put(prompt(8, 2), blocks(8, 2))
+        assert a.flush()
+        server.pause()
+        try:
+            tokens = prompt(9, 4)
+            a.put(tokens, blocks(9, 4))
+            assert errors(a, "timeout") == 0  # put did not wait 3 s on the stalled server
+            wait_until(lambda: errors(a, "timeout") == 1, "the writer's round trip times out")
+        finally:
+            server.resume()

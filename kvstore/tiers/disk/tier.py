@@ -54,6 +54,7 @@ class DiskTier:
     name = "disk"
     slow = True  # writes go through a write-behind queue, loads run on the store's io threads
     shared = True  # other processes on this machine see (and purge) the same blocks
+    networked = False
 
     @property
     def device(self) -> torch.device:
