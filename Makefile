@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-all test-vllm soak mutants demo serve bench bench-remote valkey clean
+.PHONY: setup test test-all test-vllm soak mutants demo demo-cluster serve bench bench-remote valkey clean
 SOAK_SHORT_S ?= 150
 
 setup: $(STAMP)
@@ -54,6 +54,10 @@ test-vllm:
 
 demo: $(STAMP)
 	$(PY) -m engine_adapter.demo --store $(STORE)
+
+# Two engine processes with separate stores and one Valkey: the second answers from the remote tier.
+demo-cluster: $(STAMP)
+	$(PY) -m tools.demo_cluster
 
 # The OpenAI/DeepSeek-compatible server on SmolLM2 (docs/server.md); SERVE_ARGS adds flags
 # such as --config FILE, --keys FILE, --model PATH.
