@@ -82,6 +82,12 @@ class StoreCollector:
             if u.entries:
                 block_bytes = u.raw_bytes // u.entries  # every block of a store has one layout
         yield from fams.values()
+        for tier in store.tiers:
+            status = getattr(tier, "status", None)  # a tier on a server says whether it answers
+            if status is not None:
+                yield GaugeMetricFamily(f"kvstore_{tier.name}_reachable",
+                                        "1 while the tier's server answers, 0 while its breaker is open.",
+                                        value=1 if status()["reachable"] else 0)
         if block_bytes:
             yield GaugeMetricFamily("kvstore_block_bytes", "Uncompressed bytes of one block.",
                                     value=block_bytes)

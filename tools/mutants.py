@@ -261,6 +261,11 @@ MUTATIONS = (
           "held = self._held(level, new, now)"),),
         ("tests/tiers/test_remote.py",), keyword="never_waits"),
     Mutation(
+        "dashboard_remote_always_up",
+        "the dashboard shows an unreachable remote server as unreachable",
+        (("kvstore/prometheus.py", 'value=1 if status()["reachable"] else 0)', "value=1)"),),
+        ("tests/tools/test_dashboard_remote.py",)),
+    Mutation(
         "remote_record_not_verified",
         "a remote record is verified before use; a bad one is a counted miss, deleted",
         (("kvstore/tiers/remote.py", "                    self.codec.decode(rec, out)\n",
