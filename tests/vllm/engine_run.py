@@ -14,7 +14,7 @@ A phase may instead be ``{"stream": [[step, prompt, max_tokens], ...]}``: the en
 hand and each prompt added at its step; its result holds per prompt ``output`` and ``times``, the
 ``time.perf_counter()`` at which each new token arrived, and ``added``, when it was added. Other
 spec keys: ``host_bytes`` (the store's RAM tier, default 64MiB), ``metrics`` (vLLM's stats on:
-the result's ``prometheus`` holds the scrape of vLLM's Prometheus registry), ``max_model_len``.
+the result's ``prometheus`` holds the scrape of vLLM's Prometheus registry), ``max_model_len``, ``num_gpu_blocks`` (vLLM's KV cache size in blocks: small forces preemption).
 In-process runs wait for the connector's transfers after each phase (``wait_for_transfers``), as
 a phase boundary does in the tests' expectations.
 """
@@ -59,7 +59,8 @@ def main(spec_path: str, out_path: str) -> None:
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
               block_size=spec.get("block_size", 64), max_model_len=spec.get("max_model_len", 2048),
               seed=0, enable_prefix_caching=spec.get("prefix_caching", True),
-              disable_log_stats=not spec.get("metrics"), **kw)
+              disable_log_stats=not spec.get("metrics"),
+              num_gpu_blocks_override=spec.get("num_gpu_blocks"), **kw)
     in_process = spec.get("store") and not spec.get("multiprocessing")
     phases = []
     for phase in spec["phases"]:

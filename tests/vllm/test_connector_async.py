@@ -146,3 +146,21 @@ def test_counters_reach_vllms_prometheus_and_nothing_flushes(run_engine, tiny_mo
     assert _prom(text, "vllm:kvstore_load_seconds_total") > 0
     assert _prom(text, "vllm:kvstore_load_failed_blocks_total") == 0
     print("\n" + "\n".join(line for line in text.splitlines() if line.startswith("vllm:kvstore")))
+
+
+def test_preempted_requests_load_their_prefix_again_when_readmitted(run_engine, tiny_model,
+                                                                   warm_store, tmp_path):
+    # 16 vLLM blocks for three requests that each grow to 5 + 4 blocks: vLLM preempts, frees
+    # the victims' blocks and re-admits them later, when the connector loads their prefix again.
+    prompts, n = [P1, P1[:192] + P3[:100], P3 + P1[:100]], 220
+    ref = run_engine(model=tiny_model, store=None, prefix_caching=False, phases=[prompts],
+                     max_tokens=n)
+    store = str(tmp_path / "kv")
+    shutil.copytree(warm_store, store)
+    res = run_engine(model=tiny_model, store=store, prefix_caching=False, num_gpu_blocks=16,
+                     max_model_len=896, phases=[prompts], max_tokens=n)
+    assert [r["output"] for r in res["phases"][0]] == [r["output"] for r in ref["phases"][0]]
+    c = res["counters"]
+    # Admission: three loads (4, 3 and 2 blocks); every re-admission loads again.
+    assert c["vllm_load_seconds_count"] > 3
+    assert c.get("vllm_load_failed_blocks", 0) == 0
