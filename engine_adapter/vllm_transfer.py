@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,6 @@ import torch
 from kvstore import KVStore
 from kvstore.copies import copy_block, fill_zero
 
-log = logging.getLogger(__name__)
 
 
 class BlockCopier:
