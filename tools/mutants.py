@@ -264,6 +264,13 @@ MUTATIONS = (
         ("tests/vllm/test_connector_async.py",), keyword="keeps_producing", python="vllm",
         timeout_s=600),
     Mutation(
+        "connector_frees_blocks_while_saving",
+        "vLLM frees a finished request's blocks only after the connector copied them out",
+        (("engine_adapter/vllm_transfer.py",
+          "            sent = {r for r in self._finishing if r not in self._saves_pending}\n",
+          "            sent = set(self._finishing)\n"),),
+        ("tests/vllm/test_transfer.py",), keyword="released_only_after", python="vllm"),
+    Mutation(
         "connector_flush_in_the_step",
         "the vLLM connector's step never waits for a store commit (no flush in wait_for_save)",
         (("engine_adapter/vllm_connector.py", "        self._transfers.save([SaveJob(",

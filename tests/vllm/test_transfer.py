@@ -4,6 +4,8 @@ the staging buffers, on the CPU and, where a GPU is present, on CUDA (dedicated 
 staging); a finished request is released only after its saves; a load of blocks the store lacks
 reports them failed."""
 
+import threading
+
 import pytest
 import torch
 
@@ -31,10 +33,10 @@ def caches(device: str, seed: int) -> list[torch.Tensor]:
 def transfers_for(tmp_path):
     made = []
 
-    def make(kv: list[torch.Tensor], staging_blocks: int = 8) -> Transfers:
+    def make(kv: list[torch.Tensor], staging_blocks: int = 8, visible=None) -> Transfers:
         store = KVStore.open(StoreConfig(path=tmp_path / "kv", block_tokens=BT, host_bytes=0))
         faults = []
-        t = Transfers(store, BlockCopier(kv, BT // VBS), BT, staging_blocks, store.flush,
+        t = Transfers(store, BlockCopier(kv, BT // VBS), BT, staging_blocks, visible or store.flush,
                       ConnectorCounters(store.metrics, BT), lambda stage, e: faults.append((stage, e)))
         t.faults = faults
         made.append((t, store))
@@ -86,3 +88,21 @@ def test_a_load_of_blocks_the_store_lacks_reports_them_failed(transfers_for, dev
     assert t.take_finished(set())[1] == {"q"}
     assert t.take_errors() == {8, 9}  # the second store block: vLLM recomputes it
     assert t.store.metrics.total("vllm_load_failed_blocks") == 1
+
+
+def test_a_finished_request_is_released_only_after_its_saves(transfers_for):
+    gate = threading.Event()  # holds the saver thread at the end of its save
+    t = transfers_for(caches("cpu", 3), visible=lambda: gate.wait(60))
+    t.save([SaveJob("r", list(range(BT)), [1, 2], 0, "ns")])
+    # vLLM finished "r" while its blocks are still being copied out: not released yet.
+    assert t.take_finished({"r"}) == (set(), set())
+    waiter = threading.Thread(target=t.wait_for_requests, args=({"r"},))
+    waiter.start()  # what handle_preemptions does before vLLM reuses the blocks
+    waiter.join(0.2)
+    assert waiter.is_alive()
+    gate.set()
+    waiter.join(60)
+    assert not waiter.is_alive()
+    assert t.wait_idle(60)
+    assert t.take_finished(set()) == ({"r"}, set())  # released once, in a later step
+    assert t.take_finished(set()) == (set(), set())
