@@ -17,7 +17,8 @@ Why it is safe to touch vLLM's blocks from another thread while the engine runs:
 
 ``BlockCopier`` does the copies between staging and vLLM's blocks: on CUDA ``non_blocking`` on
 a dedicated stream, ordered after the engine's stream by an event, and the worker thread waits
-on an event for its own copies; on the CPU the same calls are plain memcpys.
+on an event for its own copies; on the CPU one indexed copy per layer (the copies are done when
+it returns, so no stream or event is needed).
 """
 
 from __future__ import annotations
@@ -89,26 +90,49 @@ class BlockCopier:
                after: torch.cuda.Event | None = None) -> None:
         """``out[i]`` = store block i of the run ``vllm_ids`` (``len(vllm_ids) // per_block``
         whole store blocks), once the step ``after`` marks has written them."""
+        if not self.cuda:
+            n = len(vllm_ids) // self.per_block
+            for j, ids in self._columns(vllm_ids, 0):
+                for layer, kv in enumerate(self.kv_caches):
+                    out[:n, layer, j].copy_(kv.index_select(0, ids))
+            return
+
         def copies() -> None:
             for i, j, vid in self._pairs(vllm_ids, 0):
                 for layer, kv in enumerate(self.kv_caches):
-                    if self.cuda:
-                        out[i, layer, j].copy_(kv[vid], non_blocking=True)
-                    else:
-                        copy_block(out[i, layer, j], kv[vid])
+                    out[i, layer, j].copy_(kv[vid], non_blocking=True)
         self._run(copies, after)
 
     def scatter(self, src: torch.Tensor, vllm_ids: Sequence[int], first: int) -> None:
         """vLLM blocks ``vllm_ids[first:]`` = their part of the store blocks in ``src`` (the run
         ``vllm_ids`` starts at store block 0 of ``src``); returns when they are in place."""
+        if not self.cuda:
+            for j, ids, rows in self._columns(vllm_ids, first, rows=True):
+                for layer, kv in enumerate(self.kv_caches):
+                    kv.index_copy_(0, ids, src[rows, layer, j])
+            return
+
         def copies() -> None:
             for i, j, vid in self._pairs(vllm_ids, first):
                 for layer, kv in enumerate(self.kv_caches):
-                    if self.cuda:
-                        kv[vid].copy_(src[i, layer, j], non_blocking=True)
-                    else:
-                        copy_block(kv[vid], src[i, layer, j])
+                    kv[vid].copy_(src[i, layer, j], non_blocking=True)
         self._run(copies, None)
+
+    def _columns(self, vllm_ids: Sequence[int], first: int, rows: bool = False):
+        """Per slot j of a store block: the vLLM block ids (from ``first``) in that slot, as a
+        tensor, and (``rows``) the store blocks they belong to: one indexed copy per layer and
+        slot instead of one per vLLM block, so the copy thread holds the GIL a few dozen times
+        per load, not thousands (the engine thread needs it between steps)."""
+        for j in range(self.per_block):
+            picked = [(k // self.per_block, vid) for k, vid in enumerate(vllm_ids)
+                      if k >= first and k % self.per_block == j]
+            if not picked:
+                continue
+            ids = torch.tensor([v for _, v in picked], dtype=torch.long)
+            if rows:  # consecutive store blocks: a slice, no copy of the source
+                yield j, ids, slice(picked[0][0], picked[-1][0] + 1)
+            else:
+                yield j, ids
 
 
 @dataclasses.dataclass
