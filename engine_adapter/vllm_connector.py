@@ -8,11 +8,16 @@ Load it with::
 
 Scheduler side: ``get_num_new_matched_tokens`` asks the store (read-only, no touch) how many
 leading full store blocks of the prompt it holds, for every tensor-parallel rank, and offers the
-part beyond vLLM's own prefix-cache hit; ``build_connector_meta`` turns that into load orders and,
-as a prompt's prefill passes each block boundary, into save orders. Worker side: loads run
-synchronously in ``start_load_kv``; saves run in ``wait_for_save`` after every layer of the step
-has written its KV, then ``flush()`` so a scheduler in another process sees them through LMDB
-(a scheduler in the same process shares the store object and finds them in its RAM tier).
+part beyond vLLM's own prefix-cache hit as an asynchronous load: the request waits
+(``WAITING_FOR_REMOTE_KVS``) while the rest of the batch keeps running. ``build_connector_meta``
+turns admitted hits into load orders and, as a prompt's prefill passes each block boundary, into
+save orders. Worker side (vllm_transfer.py): both run on the connector's own threads through
+staging buffers allocated once; the engine step only hands them over (``start_load_kv``,
+``wait_for_save``) and collects what finished (``get_finished``). No flush in the step: the
+store's write-behind commits on its own threads. A finished request whose blocks are still being
+copied out keeps them (``request_finished`` delays the free) until ``get_finished`` reports it.
+A new request whose prefix a finished request is still saving waits for that save (at most
+SAVE_WAIT_S) instead of recomputing it.
 
 Block mapping: vLLM's KV cache is paged in blocks of ``block_size`` tokens whose interior layout
 belongs to the attention backend (the CPU backend stores keys transposed, in an ISA-dependent
@@ -35,6 +40,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -50,18 +56,24 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvstore import ConfigError, KVStore, StoreConfig, make_namespace
 from kvstore.codec import dtype_name
 
+from .vllm_stats import ConnectorCounters, KVStoreConnectorStats, KVStorePromMetrics
+from .vllm_transfer import BlockCopier, LoadJob, SaveJob, Transfers
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
 
 # kv_connector_extra_config keys the connector itself reads; every other key is a StoreConfig key.
-CONNECTOR_KEYS = ("model_id", "tenant")
+CONNECTOR_KEYS = ("model_id", "tenant", "staging_blocks")
+MAX_STAGING_BLOCKS = 256  # default cap of a staging buffer (16k tokens of 64)
+SAVE_WAIT_S = 1.0  # longest a lookup waits for a finished request's save of its prefix
 
 
 # -- one store per path per process ----------------------------------------------------------
@@ -99,6 +111,15 @@ def _release_store(store: KVStore, role: KVConnectorRole) -> None:
             store.close()
 
 
+_connectors: weakref.WeakSet = weakref.WeakSet()  # worker-side connectors in this process
+
+
+def wait_for_transfers(timeout: float | None = None) -> bool:
+    """Waits until the worker connectors of this process have no load or save in flight (for
+    benchmarks and tests between phases; never called in the engine's path). False on timeout."""
+    return all([c.wait_idle(timeout) for c in list(_connectors)])
+
+
 def open_stores() -> dict[str, KVStore]:
     """The stores opened by connectors in this process, by resolved path (for metrics export:
     their ``metrics`` hold the connector's counters when the worker runs in this process)."""
@@ -124,6 +145,10 @@ def split_extra_config(extra: Mapping[str, Any]) -> tuple[StoreConfig, dict[str,
     for k in ("model_id", "tenant"):
         if k in own and not isinstance(own[k], str):
             raise ConfigError(f"kv_connector_extra_config.{k}: expected a string, got {own[k]!r}")
+    sb = own.get("staging_blocks")
+    if sb is not None and (not isinstance(sb, int) or isinstance(sb, bool) or sb < 1):
+        raise ConfigError(f"kv_connector_extra_config.staging_blocks: expected an integer >= 1 "
+                          f"(store blocks per staging buffer), got {sb!r}")
     try:
         return StoreConfig.from_mapping(extra, source="kv_connector_extra_config"), own
     except ConfigError as e:  # "host_bytes: expected ..." names the key; say where it came from
@@ -163,6 +188,7 @@ class SaveSpec:
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+    preempted: set[str] = dataclasses.field(default_factory=set)  # their blocks may be reused now
 
 
 @dataclasses.dataclass
@@ -175,7 +201,8 @@ class _ReqState:
     external_tokens: int = 0  # tokens vLLM agreed to load from the store
     block_ids: list[int] = dataclasses.field(default_factory=list)
     saved_blocks: int = 0  # store blocks known present (hit or ordered saved)
-    load_pending: bool = False
+    load_pending: bool = False  # admitted with a hit: the load order goes out next step
+    saving: bool = False  # a save was ordered: its free waits for the worker's copies
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -208,6 +235,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         group = kv_cache_config.kv_cache_groups[0]
         self.layer_names = list(group.layer_names)
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        # A load fits one staging buffer; the scheduler offers no longer hit.
+        self.staging_blocks = own.get("staging_blocks") or max(1, min(
+            MAX_STAGING_BLOCKS, -(-vllm_config.model_config.max_model_len // self.block_tokens)))
         self.namespaces = [self._namespace(vllm_config, kv_cache_config, own, r)
                            for r in range(self.tp_size)]
         policy = self._kv_transfer_config.kv_load_failure_policy
@@ -219,12 +249,15 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
         self.store = _acquire_store(config, role)
         self.metrics = self.store.metrics
+        self.counters = ConnectorCounters(self.metrics, self.block_tokens)
         # scheduler state
         self._reqs: dict[str, _ReqState] = {}
         self._bypassed: set[str] = set()  # requests neither loaded nor stored (_bypass_reason)
+        # finished requests still being saved: req_id -> (their stored tokens, wait deadline)
+        self._saving: dict[str, tuple[list[int], float]] = {}
         # worker state
         self._kv_caches: list[torch.Tensor] = []
-        self._load_errors: set[int] = set()
+        self._transfers: Transfers | None = None
         self._tp_rank = 0
 
     # -- identity -----------------------------------------------------------------------------
@@ -271,35 +304,53 @@ class KVStoreConnector(KVConnectorBase_V1):
                                  for ns in self.namespaces)
             except Exception as e:  # best effort: a store fault is a miss
                 self._fault("lookup", e)
+            hit_blocks = min(hit_blocks, self.staging_blocks)
+            if self._save_pending_beyond(tokens[:usable], hit_blocks):
+                return None, False  # asked again next step, once the save is visible
         state = self._reqs.get(request.request_id)
         if state is None:
             state = self._reqs[request.request_id] = _ReqState(tokens, hit_blocks)
         state.hit_blocks = hit_blocks
         state.saved_blocks = hit_blocks
         state.local_tokens = num_computed_tokens
-        return max(0, hit_blocks * self.block_tokens - num_computed_tokens), False
+        offered = max(0, hit_blocks * self.block_tokens - num_computed_tokens)
+        return offered, offered > 0
+
+    def _save_pending_beyond(self, tokens: list[int], hit_blocks: int) -> bool:
+        """Whether a finished request is still saving blocks of ``tokens`` past ``hit_blocks``."""
+        now, bt = time.monotonic(), self.block_tokens
+        for saved, deadline in self._saving.values():
+            if now < deadline and len(saved) > hit_blocks * bt and \
+                    saved[hit_blocks * bt:(hit_blocks + 1) * bt] == tokens[hit_blocks * bt:(hit_blocks + 1) * bt] \
+                    and saved[:hit_blocks * bt] == tokens[:hit_blocks * bt]:
+                return True
+        return False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
+        """Called with the hit vLLM accepted (the load goes out in the next connector meta),
+        and again with 0 once the load finished and the request is scheduled."""
         state = self._reqs.get(request.request_id)
-        if state is None:
+        if state is None or num_external_tokens == 0:
+            # vLLM may load less than offered, or nothing; saving still resumes after the hit
+            # blocks, which the store holds either way.
             return
-        # vLLM may load fewer tokens than offered (or none); saving still resumes after the
-        # hit blocks, which the store holds either way.
         state.external_tokens = num_external_tokens
-        state.load_pending = num_external_tokens > 0
+        state.block_ids = list(blocks.get_block_ids()[0])
+        state.load_pending = True
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """Load orders for requests admitted with a store hit; save orders for every store block
         of a prompt whose last token is computed in this step."""
-        meta = KVStoreConnectorMetadata()
+        meta = KVStoreConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
+        for req_id, state in self._reqs.items():
+            if state.load_pending:  # admitted since the last step, waiting for its KV
+                self._plan_load(meta, req_id, state)
         for new in scheduler_output.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
-            if state.load_pending:
-                self._plan_load(meta, new.req_id, state)
             scheduled = scheduler_output.num_scheduled_tokens[new.req_id]
             self._plan_save(meta, new.req_id, state, new.num_computed_tokens + scheduled)
         cached = scheduler_output.scheduled_cached_reqs
@@ -314,9 +365,6 @@ class KVStoreConnector(KVConnectorBase_V1):
                     state.block_ids = list(ids[0])  # a resumed request gets its whole list anew
                 else:
                     state.block_ids.extend(ids[0])
-            if resumed and state.load_pending:
-                # A preempted request looked up again on re-admission loads like a new one.
-                self._plan_load(meta, req_id, state)
             scheduled = scheduler_output.num_scheduled_tokens[req_id]
             self._plan_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled)
         return meta
@@ -336,17 +384,42 @@ class KVStoreConnector(KVConnectorBase_V1):
             meta.saves.append(SaveSpec(req_id, state.token_ids[:full * self.block_tokens],
                                        state.block_ids[:full * self.per_block], state.saved_blocks))
             state.saved_blocks = full
+            state.saving = True
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        """Saves are synchronous, so the blocks can be freed at once."""
-        self._reqs.pop(request.request_id, None)
+        """Delays the free of a request that had blocks ordered saved: the worker may still be
+        copying them out; ``get_finished`` reports when it is done."""
+        state = self._reqs.pop(request.request_id, None)
         self._bypassed.discard(request.request_id)
-        return False, None
+        if state is None or not state.saving:
+            return False, None
+        self._saving[request.request_id] = (state.token_ids[:state.saved_blocks * self.block_tokens],
+                                            time.monotonic() + SAVE_WAIT_S)
+        return True, None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Forgets finished saves; a load's failed blocks, which vLLM recomputes, are saved
+        again (the store dropped the corrupt record, or never had it any more)."""
+        for req_id in connector_output.finished_sending or ():
+            self._saving.pop(req_id, None)
+        invalid = connector_output.invalid_block_ids
+        if invalid:
+            for state in self._reqs.values():
+                bad = [i for i, b in enumerate(state.block_ids) if b in invalid]
+                if bad:
+                    state.saved_blocks = min(state.saved_blocks, bad[0] // self.per_block)
 
     # -- worker side --------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Keeps the per-layer caches in layer order; dim 0 of each must index vLLM blocks."""
+        """Keeps the per-layer caches in layer order (dim 0 of each must index vLLM blocks),
+        declares the store's block layout (so a remote tier can serve an empty disk) and starts
+        the transfer threads.
+
+        Raises:
+            ConfigError: a layer without a cache, layers of different layouts, or a store that
+                holds blocks of another layout.
+        """
         missing = [n for n in self.layer_names if n not in kv_caches]
         if missing:
             raise ConfigError(f"KVStoreConnector: no KV cache registered for layers {missing}")
@@ -362,101 +435,98 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._tp_rank = get_tensor_model_parallel_rank()
         except Exception:  # no TP group (a single worker)
             self._tp_rank = 0
-        self.block_shape = (len(self._kv_caches), self.per_block, *first.shape[1:])
+        copier = BlockCopier(self._kv_caches, self.per_block)
+        self.block_shape = copier.block_shape
+        try:
+            self.store.declare_layout(self.block_shape, first.dtype)
+        except ValueError as e:
+            raise ConfigError(f"KVStoreConnector: the store at {self.store.config.path} holds "
+                              f"another block layout than this engine's: {e}; use a store path "
+                              f"per model and KV layout") from None
+        self._transfers = Transfers(self.store, copier, self.block_tokens, self.staging_blocks,
+                                    self._make_visible, self.counters, self._fault)
+        _connectors.add(self)
 
-    def _ids(self, block_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.long, device=self._kv_caches[0].device)
+    def _make_visible(self) -> None:
+        """After a save: a scheduler in this process shares the store object and finds new
+        blocks in its RAM tier; one elsewhere (or without a RAM tier) sees them once committed
+        to LMDB, so wait for that here, on the saver thread, never in the engine's step."""
+        if not (KVConnectorRole.SCHEDULER in _store_roles(self.store) and self.store.config.host_bytes):
+            self.store.flush()
+
+    def _meta(self) -> KVStoreConnectorMetadata | None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVStoreConnectorMetadata) or self._transfers is None:
+            return None
+        return meta
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Copies every ordered store block into vLLM's blocks before the forward pass."""
-        meta = self._connector_metadata
-        if not isinstance(meta, KVStoreConnectorMetadata) or not self._kv_caches:
+        """Hands this step's load orders to the loader threads and returns."""
+        meta = self._meta()
+        if meta is None:
             return
+        ns = self.namespaces[self._tp_rank]
         for spec in meta.loads:
-            self._load(spec)
-
-    def _load(self, spec: LoadSpec) -> None:
-        t0 = time.perf_counter()
-        n_blocks = len(spec.token_ids) // self.block_tokens
-        want = spec.block_ids[:spec.end_vllm_block]
-        loaded = 0
-        try:
-            m = self.store.match(spec.token_ids, self.namespaces[self._tp_rank])
-            blocks = self.store.get(m) if m.num_blocks else []
-            if blocks and (tuple(blocks[0].shape) != self.block_shape
-                           or blocks[0].dtype != self._kv_caches[0].dtype):
-                raise ValueError(f"stored blocks have shape {tuple(blocks[0].shape)} and dtype "
-                                 f"{blocks[0].dtype}, this engine needs {self.block_shape} and "
-                                 f"{self._kv_caches[0].dtype}")
-            loaded = min(len(blocks), n_blocks)
-            # vLLM blocks [first, stop) get data; earlier ones are vLLM's own hit.
-            first = spec.first_vllm_block
-            stop = min(loaded * self.per_block, spec.end_vllm_block)
-            if stop > first:
-                src = torch.stack(blocks[:loaded])  # (n, layers, per_block, ...)
-                src = src.transpose(0, 1).reshape(len(self._kv_caches), stop, *self.block_shape[2:])
-                ids = self._ids(want[first:stop])
-                for layer, kv in enumerate(self._kv_caches):
-                    kv.index_copy_(0, ids, src[layer, first:stop].to(kv.device))
-        except Exception as e:  # best effort: what did not load is recomputed by vLLM
-            self._fault("load", e)
-            loaded = 0
-        failed = want[max(loaded * self.per_block, spec.first_vllm_block):]
-        if failed:
-            self._load_errors.update(failed)
-            self.metrics.add("vllm_load_failed_blocks", -(-len(failed) // self.per_block))
-        done = max(0, min(loaded * self.per_block, spec.end_vllm_block) - spec.first_vllm_block)
-        done *= self.vllm_block_size
-        self.metrics.add("vllm_loaded_tokens", done)
-        self.metrics.observe("vllm_load_seconds", time.perf_counter() - t0)
+            self._transfers.load(LoadJob(spec.req_id, spec.token_ids,
+                                         spec.block_ids[:spec.end_vllm_block],
+                                         spec.first_vllm_block, ns))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads complete in ``start_load_kv``; nothing to wait for."""
+        """Nothing: a request runs only after its whole load finished (``get_finished``)."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        """Nothing per layer: a store block holds every layer, so ``wait_for_save`` copies it
-        once the whole step has written its KV."""
+        """Nothing per layer: a store block holds every layer, so ``wait_for_save`` orders the
+        copy once the whole step has written its KV."""
 
     def wait_for_save(self) -> None:
-        """Gathers and stores the ordered blocks, then flushes so other processes see them."""
-        meta = self._connector_metadata
-        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves or not self._kv_caches:
+        """Hands this step's save orders to the saver thread and returns: no copy, no flush."""
+        meta = self._meta()
+        if meta is None or not meta.saves:
             return
-        stored = 0
-        t0 = time.perf_counter()
-        for spec in meta.saves:
-            try:
-                stored += self._save(spec)
-            except Exception as e:  # best effort: a dropped save is a future miss
-                self._fault("store", e)
-        same_process = KVConnectorRole.SCHEDULER in _store_roles(self.store)
-        if not (same_process and self.store.config.host_bytes):
-            # The scheduler is another process (or has no RAM tier to look in): it sees new
-            # blocks only once they are committed to LMDB.
-            try:
-                self.store.flush()
-            except Exception as e:
-                self._fault("flush", e)
-        self.metrics.add("vllm_stored_blocks", stored)
-        self.metrics.observe("vllm_store_seconds", time.perf_counter() - t0)
+        ns = self.namespaces[self._tp_rank]
+        self._transfers.save([SaveJob(s.req_id, s.token_ids, s.block_ids[s.start_block * self.per_block:],
+                                      s.start_block, ns) for s in meta.saves])
 
-    def _save(self, spec: SaveSpec) -> int:
-        first, end = spec.start_block * self.per_block, len(spec.block_ids)
-        n = (end - first) // self.per_block
-        ids = self._ids(spec.block_ids[first:end])
-        out = torch.empty((n, *self.block_shape), dtype=self._kv_caches[0].dtype)
-        for layer, kv in enumerate(self._kv_caches):
-            out[:, layer] = kv.index_select(0, ids).view(n, self.per_block, *kv.shape[1:]).cpu()
-        return self.store.put(spec.token_ids, list(out), namespace=self.namespaces[self._tp_rank],
-                              start_block=spec.start_block)
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step's forward reuses a preempted request's blocks: its copies out end."""
+        if isinstance(kv_connector_metadata, KVStoreConnectorMetadata) and self._transfers \
+                and kv_connector_metadata.preempted:
+            self._transfers.wait_for_requests(kv_connector_metadata.preempted)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(finished requests whose saves are done, requests whose load finished)."""
+        if self._transfers is None:
+            return None, None
+        sent, received = self._transfers.take_finished(finished_req_ids)
+        return sent or None, received or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        """vLLM blocks ordered loaded that hold no valid KV (vLLM recomputes them)."""
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        """vLLM blocks of finished loads that hold no valid KV (vLLM recomputes them)."""
+        return self._transfers.take_errors() if self._transfers is not None else set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until no load or save of this worker is in flight (benchmarks, tests)."""
+        return self._transfers.wait_idle(timeout) if self._transfers is not None else True
+
+    # -- stats --------------------------------------------------------------------------------
+    def get_kv_connector_stats(self) -> KVStoreConnectorStats | None:
+        """The counters since the last call (vLLM sums the workers' and exports them)."""
+        return self.counters.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVStoreConnectorStats:
+        return KVStoreConnectorStats(data=data) if data else KVStoreConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVStorePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        if self._transfers is not None:
+            self._transfers.wait_idle(timeout=60)
+            self._transfers.close()
+        _connectors.discard(self)
         _release_store(self.store, self._role)
 
     # -- faults -------------------------------------------------------------------------------

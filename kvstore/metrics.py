@@ -86,6 +86,8 @@ DECLARED: dict[str, Declared] = _declare(
     Declared("promoted_blocks", "counter", "Blocks copied up into a faster tier after a hit lower down.",
              "blocks", _TIER),
     Declared("prefetched_blocks", "counter", "Blocks a prefetch moved up into the RAM tiers.", "blocks"),
+    Declared("flushes", "counter",
+             "Calls to KVStore.flush (each waits for the slow tiers' writes to commit).", ""),
     Declared("prefetch_errors", "counter",
              "Prefetches that failed (their blocks stayed where they were).", ""),
     Declared("vllm_faults", "counter", "Store faults the vLLM connector turned into misses, by stage.",

@@ -817,6 +817,7 @@ class KVStore:
         if self._closed or self.readonly:
             return True
         self._check_fork()
+        self.metrics.add("flushes")
         done = all([w.flush(timeout) for w in self._writers.values()])
         for tier in self.tiers:
             tier.flush()

@@ -242,3 +242,21 @@ def test_the_store_names_no_concrete_tier():
     assert tier_imports == ["tiers.base"]
     names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert not names & {"disk", "host", "device"}, "store.py names a tier"
+
+
+def test_the_vllm_connector_modules_depend_one_way():
+    """vllm_connector.py (vLLM's API: scheduler side and glue) uses vllm_transfer.py (threads,
+    staging and copies: no vLLM import, so it is the same code on any engine's paged cache) and
+    vllm_stats.py (vLLM's stats classes: no store); nothing else in the adapter imports vLLM or
+    these modules."""
+    ea = ROOT / "engine_adapter"
+    transfer, stats = ea / "vllm_transfer.py", ea / "vllm_stats.py"
+    assert "vllm" not in imports_of(transfer)
+    assert not {m for m in first_party_imports(transfer) if m.startswith("engine_adapter")}
+    assert not first_party_imports(stats)
+    for f in files("engine_adapter"):
+        if not f.name.startswith("vllm_"):
+            assert "vllm" not in imports_of(f), f.relative_to(ROOT)
+        if f.name != "vllm_connector.py":
+            assert not first_party_imports(f) & {"engine_adapter.vllm_transfer",
+                                                 "engine_adapter.vllm_stats"}, f.relative_to(ROOT)

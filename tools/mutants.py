@@ -281,9 +281,31 @@ MUTATIONS = (
     Mutation(
         "connector_load_errors_not_reported",
         "vLLM recomputes blocks the connector could not load (never wrong KV)",
-        (("engine_adapter/vllm_connector.py", "            self._load_errors.update(failed)\n",
-          "            pass\n"),),
+        (("engine_adapter/vllm_transfer.py", "                self._load_errors.update(failed)\n",
+          "                pass\n"),),
         ("tests/vllm/test_connector.py",), keyword="damaged", python="vllm", timeout_s=600),
+    Mutation(
+        "connector_load_in_the_step",
+        "a running request keeps decoding while another request's prefix loads (loads run on "
+        "the connector's threads, not in the engine step)",
+        (("engine_adapter/vllm_transfer.py", "        self._loader.submit(self._load, job)\n",
+          "        self._load(job)\n"),),
+        ("tests/vllm/test_connector_async.py",), keyword="keeps_producing", python="vllm",
+        timeout_s=600),
+    Mutation(
+        "connector_frees_blocks_while_saving",
+        "vLLM frees a finished request's blocks only after the connector copied them out",
+        (("engine_adapter/vllm_transfer.py",
+          "            sent = {r for r in self._finishing if r not in self._saves_pending}\n",
+          "            sent = set(self._finishing)\n"),),
+        ("tests/vllm/test_transfer.py",), keyword="released_only_after", python="vllm"),
+    Mutation(
+        "connector_flush_in_the_step",
+        "the vLLM connector's step never waits for a store commit (no flush in wait_for_save)",
+        (("engine_adapter/vllm_connector.py", "        self._transfers.save([SaveJob(",
+          "        self.store.flush()\n        self._transfers.save([SaveJob("),),
+        ("tests/vllm/test_connector_async.py",), keyword="nothing_flushes", python="vllm",
+        timeout_s=600),
     Mutation(
         "connector_block_size_unchecked",
         "the vLLM connector refuses a block_size that does not divide the store's block_tokens",

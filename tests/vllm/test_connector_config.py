@@ -9,7 +9,7 @@ import torch
 # Only `make test-vllm` collects tests/vllm: vLLM failing to import is a failure, never a skip.
 import vllm  # noqa: F401
 from vllm import SamplingParams
-from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.lora.request import LoRARequest
 from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
@@ -39,10 +39,11 @@ def connect(models):
     """``connect(extra, model=0, block_size=64)``: a scheduler-side connector; shut down after."""
     made = []
 
-    def make(extra, model=0, block_size=BT):
+    def make(extra, model=0, block_size=BT, tp=1):
         mc = ModelConfig(model=models[model], skip_tokenizer_init=True, dtype="float32",
                          max_model_len=2048)
         vc = VllmConfig(model_config=mc, cache_config=CacheConfig(block_size=block_size),
+                        parallel_config=ParallelConfig(tensor_parallel_size=tp),
                         kv_transfer_config=KVTransferConfig(
                             kv_connector="KVStoreConnector",
                             kv_connector_module_path="engine_adapter.vllm_connector",
@@ -67,9 +68,30 @@ def request(rid, tokens=None, **kw):
 TOKENS = list(range(100, 100 + 3 * BT))  # 3 full blocks: 2 usable (one token left to compute)
 
 
-def store_blocks(c, tokens=TOKENS, n=2):
-    """Puts ``n`` store blocks of ``tokens`` under ``c``'s namespace (a lookup reads only keys)."""
-    c.store.put(tokens[:n * BT], [torch.zeros(2, 2, 4)] * n, namespace=c.namespaces[0])
+def store_blocks(c, tokens=TOKENS, n=2, rank=0):
+    """Puts ``n`` store blocks of ``tokens`` under ``c``'s namespace of TP ``rank`` (a lookup
+    reads only keys)."""
+    c.store.put(tokens[:n * BT], [torch.zeros(2, 2, 4)] * n, namespace=c.namespaces[rank])
+
+
+def test_each_tensor_parallel_rank_has_its_namespace_and_a_hit_needs_all(connect, tmp_path):
+    # vLLM's CPU backend can run TP=2, but two worker processes start too slowly on these
+    # machines for the test run: the ranks' namespaces are checked here, the loads in the
+    # engine tests (TP=1).
+    one = connect({"path": str(tmp_path / "kv")})
+    two = connect({"path": str(tmp_path / "kv")}, tp=2)
+    assert len(set(two.namespaces)) == 2 and not set(two.namespaces) & set(one.namespaces)
+    store_blocks(two, rank=0)  # rank 0's shard alone: rank 1 would have to recompute
+    assert two.get_num_new_matched_tokens(request("r0", TOKENS), 0) == (0, False)
+    store_blocks(two, rank=1)
+    assert two.get_num_new_matched_tokens(request("r01", TOKENS), 0) == (2 * BT, True)
+    assert one.get_num_new_matched_tokens(request("tp1", TOKENS), 0) == (0, False)
+
+
+def test_a_hit_is_offered_up_to_the_staging_buffer(connect, tmp_path):
+    c = connect({"path": str(tmp_path / "kv"), "staging_blocks": 1})
+    store_blocks(c)
+    assert c.get_num_new_matched_tokens(request("a", TOKENS), 0) == (BT, True)
 
 
 def test_block_size_32_is_accepted_and_128_refused_with_the_fix(connect, tmp_path):
@@ -86,6 +108,7 @@ def test_block_size_32_is_accepted_and_128_refused_with_the_fix(connect, tmp_pat
     ({"block_tokens": 0}, r"kv_connector_extra_config\.block_tokens: expected an integer in \[1, .*got 0"),
     ({"tenant": 7}, r"kv_connector_extra_config\.tenant: expected a string, got 7"),
     ({"path": None}, r"kv_connector_extra_config: missing required key 'path'"),
+    ({"staging_blocks": 0}, r"kv_connector_extra_config\.staging_blocks: expected an integer >= 1 .*got 0"),
 ])
 def test_bad_extra_config_is_an_error_naming_the_key(connect, tmp_path, extra, message):
     extra = {"path": str(tmp_path / "kv"), **extra}
@@ -102,12 +125,12 @@ def test_tenants_and_models_never_share_blocks(connect, tmp_path):
     others = [connect({"path": path, "tenant": "b"}), connect({"path": path}, model=1),
               connect({"path": path, "model_id": "another-model"})]
     store_blocks(a)
-    assert a.get_num_new_matched_tokens(request("a", TOKENS), 0) == (2 * BT, False)
+    assert a.get_num_new_matched_tokens(request("a", TOKENS), 0) == (2 * BT, True)
     for i, c in enumerate(others):
         assert c.store is a.store  # one store, one LMDB environment: only the namespace differs
         assert c.get_num_new_matched_tokens(request(f"o{i}", TOKENS), 0) == (0, False), i
     store_blocks(others[0])  # tenant b's own blocks are its own hit
-    assert others[0].get_num_new_matched_tokens(request("b", TOKENS), 0) == (2 * BT, False)
+    assert others[0].get_num_new_matched_tokens(request("b", TOKENS), 0) == (2 * BT, True)
 
 
 def test_lora_multimodal_and_prompt_embeds_requests_are_bypassed_and_counted(connect, tmp_path):
@@ -125,5 +148,5 @@ def test_lora_multimodal_and_prompt_embeds_requests_are_bypassed_and_counted(con
             assert c.get_num_new_matched_tokens(req, 0) == (0, False), reason
         assert c.metrics.value("vllm_bypassed_requests", reason=reason) == 1
     # The same tokens in a plain request hit: the bypass, not a miss, kept the others out.
-    assert c.get_num_new_matched_tokens(request("plain", TOKENS), 0) == (2 * BT, False)
+    assert c.get_num_new_matched_tokens(request("plain", TOKENS), 0) == (2 * BT, True)
     assert c.metrics.total("vllm_bypassed_requests") == 3
