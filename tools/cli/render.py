@@ -223,6 +223,14 @@ def verify_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+def compact_text(data: dict) -> str:
+    b, a = data["before"], data["after"]
+    return (f"compacted {data['path']}: data file {human_bytes(b['file_bytes'])} -> "
+            f"{human_bytes(a['file_bytes'])} ({human_bytes(data['reclaimed_bytes'])} given back); "
+            f"data {human_bytes(b['data_bytes'])} -> {human_bytes(a['data_bytes'])}, free for reuse "
+            f"{human_bytes(b['free_bytes'])} -> {human_bytes(a['free_bytes'])}")
+
+
 def top_header() -> str:
     return (f"{'time':<8}  {'req/s':>8}  {'hit':>6}  {'hit tok/s':>10}  {'miss tok/s':>10}  "
             f"{'stored/s':>9}  {'evict/s':>8}  {'drop/s':>7}  {'disk':>9}  {'used':>6}")
@@ -241,5 +249,5 @@ def top_line(r: dict) -> str:
 
 TEXT: dict[str, Callable[[Any], str]] = {
     "stats": stats_text, "ls": ls_text, "inspect": inspect_text, "purge": purge_text,
-    "verify": verify_text, "explain": explainlib.render,
+    "verify": verify_text, "explain": explainlib.render, "compact": compact_text,
 }
