@@ -279,6 +279,18 @@ MUTATIONS = (
         (("engine_adapter/vllm_connector.py", "        bypass = _bypass_reason(request)\n",
           "        bypass = None\n"),),
         ("tests/vllm/test_connector_config.py",), keyword="bypassed", python="vllm"),
+    Mutation(
+        "compact_ignores_open_stores",
+        "compaction never swaps the data file under a process that has the store open",
+        (("kvstore/tiers/disk/env.py", "                fcntl.flock(fd, fcntl.LOCK_SH)  # waits",
+          "                pass  # waits"),),
+        ("tests/tools/test_compact.py",), keyword="refused"),
+    Mutation(
+        "compact_copy_keeps_free_pages",
+        "compaction gives the free pages of the data file back",
+        (("kvstore/tiers/disk/env.py", "self._env.copy(str(tmp), compact=True)",
+          "self._env.copy(str(tmp), compact=False)"),),
+        ("tests/tools/test_compact.py",), keyword="shrinks"),
 )
 
 

@@ -471,6 +471,8 @@ class LMDBEnv:
                     self._env.copy(str(tmp), compact=True)
             except BaseException as e:  # reported on the caller's thread
                 failed.append(e)
+        if progress is not None:
+            progress(0, total)  # the start: a rate shown is over the whole copy
         t = threading.Thread(target=copy, name="kvstore-compact", daemon=True)
         t.start()
         while t.is_alive():
