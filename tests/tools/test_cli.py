@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,12 +14,13 @@ import lmdb
 import pytest
 
 from kvstore.keys import block_keys, namespace_id
+from kvstore.metrics import DECLARED
 from tools import cli
 
 from ..conftest import BLOCK_TOKENS as B, make_block
 from .conftest import ROOT
 from .engine_proc import DATASET, TOTAL_BLOCKS
-from .test_exporter import samples, scrape
+from .test_exporter import GRAFANA, samples, scrape
 
 
 def keys_of(name):
@@ -348,6 +350,15 @@ def test_serve_metrics_from_outside_the_engine(shared_engine, kv):
         assert code == 0 and exported == stats["counters"]["requests"] >= 5
         assert sum(v for (name, _), v in got.items() if name == "kvstore_hit_tokens_total") == \
             stats["counters"]["hit_tokens_total"]
+        # A Grafana board scraping it: every metric its panels use is exported from outside too,
+        # except the latency histograms, which only an engine's own process measures.
+        dash = json.loads(GRAFANA.read_text())
+        used = {n for p in dash["panels"] for t in p.get("targets", [])
+                for n in re.findall(r"\bkvstore_\w+", t["expr"])}
+        exported = {name for name, _ in got}
+        latency = {f"kvstore_{m.name}_bucket" for m in DECLARED.values() if m.kind == "histogram"}
+        assert used - exported and used - exported <= latency, used - exported
+        assert {"kvstore_remote_hits_total", "kvstore_remote_bytes_total"} <= used & exported
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, proc.stderr.read()
