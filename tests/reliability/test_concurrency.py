@@ -34,6 +34,11 @@ def test_two_writers_two_readers_and_purges_for_a_minute(tmp_path, kv, capsys):
     while not data.exists():  # the workers are starting (importing torch)
         assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
         time.sleep(0.2)
+    # `purge --namespace` refuses a namespace the store has not named yet (writers persist names
+    # every few seconds): start purging once both are known.
+    while not set(NAMESPACES) <= set(kvstore_json("stats", "--path", path)["namespaces"]):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+        time.sleep(0.2)
     purges, usage = [], []
     while any(w.poll() is None for w in workers):  # purge until the traffic ends
         opts = PURGES[len(purges) % len(PURGES)]
