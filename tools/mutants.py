@@ -291,6 +291,12 @@ MUTATIONS = (
         (("kvstore/tiers/disk/env.py", "self._env.copy(str(tmp), compact=True)",
           "self._env.copy(str(tmp), compact=False)"),),
         ("tests/tools/test_compact.py",), keyword="shrinks"),
+    Mutation(
+        "ls_tree_forks_lost",
+        "`ls --tree` shows where chains fork",
+        (("tools/cli/ls.py", "        while len(children.get(keys[-1], ())) == 1:",
+          "        while children.get(keys[-1], ()):"),),
+        ("tests/tools/test_cli.py",), keyword="ls_tree"),
 )
 
 

@@ -428,3 +428,25 @@ def test_reading_commands_start_without_torch(argv, open_store, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
                          timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
     assert out.stdout.splitlines()[-1] == "RESULT 0 False _LazyModule", out.stderr
+
+
+def test_ls_tree_shows_chains_and_their_forks(shared_engine, kv):
+    """`ls --tree`: one node per run of blocks without a fork; "main" and "branch" share their
+    first two blocks, then fork; `--key` of a block deep in "branch" shows the tree from its
+    chain's first block."""
+    keys = {name: block_keys(ns, ids, B) for name, (ns, ids, _) in DATASET.items()}
+    code, data, err = kv("ls", "--config", shared_engine.config, "--tree", "--json")
+    assert code == 0, err
+    runs = {c["first"]: c for c in data["chains"]}
+    assert data["total"] == 3 and set(runs) == {keys["old"][0].hex(), keys["main"][0].hex(), keys["other"][0].hex()}
+    shared = runs[keys["main"][0].hex()]
+    assert (shared["blocks"], shared["last"], shared["namespace"]) == (2, keys["main"][1].hex(), "tenant-a")
+    forks = {c["first"]: c for c in shared["children"]}
+    assert set(forks) == {keys["main"][2].hex(), keys["branch"][2].hex()}
+    assert (forks[keys["main"][2].hex()]["blocks"], forks[keys["branch"][2].hex()]["blocks"]) == (3, 2)
+    assert all(not c["children"] for c in forks.values())
+    assert runs[keys["old"][0].hex()]["blocks"] == 4 and not runs[keys["old"][0].hex()]["children"]
+    code, one, _ = kv("ls", "--config", shared_engine.config, "--tree", "--key", keys["branch"][3].hex(), "--json")
+    assert code == 0 and [c["first"] for c in one["chains"]] == [keys["main"][0].hex()]
+    text = kv("ls", "--config", shared_engine.config, "--tree")[1]
+    assert "blocks 0-1 (2," in text and "2 forks" in text and "├─ " in text and "(1-3 of 3 chain(s))" in text

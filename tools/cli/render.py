@@ -139,7 +139,35 @@ def stats_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+def ls_tree_text(data: dict) -> str:
+    """One line a run of blocks (a stretch without forks), indented under the run it forks from."""
+    lines: list[str] = []
+
+    def draw(node: dict, lead: str, branch: str) -> None:
+        last = node["depth"] + node["blocks"] - 1
+        span_ = f"block {last}" if node["blocks"] == 1 else f"blocks {node['depth']}-{last}"
+        keys = node["first"][:12] + ("" if node["blocks"] == 1 else ".." + node["last"][:12])
+        lines.append(f"{lead}{branch}{keys}  {span_} ({node['blocks']}, {human_bytes(node['stored_bytes'])})"
+                     + (f"  {len(node['children'])} forks" if len(node["children"]) > 1 else ""))
+        inner = lead + ("   " if branch in ("", "└─ ") else "│  ")
+        for i, child in enumerate(node["children"]):
+            draw(child, inner, "└─ " if i == len(node["children"]) - 1 else "├─ ")
+    ns = None
+    for chain in data["chains"]:
+        if chain["namespace"] != ns:
+            ns = chain["namespace"]
+            lines.append(f"{ns} ({chain['namespace_id']})")
+        draw(chain, "", "└─ ")
+    offset, count, total = data["offset"], data["count"], data["total"]
+    shown = f"{offset + 1}-{offset + count}" if count else "none"
+    more = f"; next page: --offset {offset + count}" if offset + count < total else ""
+    lines.append(f"({shown} of {total} chain(s){more})")
+    return "\n".join(lines)
+
+
 def ls_text(data: dict) -> str:
+    if data.get("tree"):
+        return ls_tree_text(data)
     now = time.time()
     lines = [f"{'KEY':<12}  {'NS':<9}  {'BLOCK':>5}  {'RAW':>9}  {'STORED':>9}  {'CREATED':>10}  {'LAST USE':>10}  "
              f"{'EXPIRES':>10}  {'PINNED':>10}  NAMESPACE"]
