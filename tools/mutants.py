@@ -297,6 +297,16 @@ MUTATIONS = (
         (("tools/cli/ls.py", "        while len(children.get(keys[-1], ())) == 1:",
           "        while children.get(keys[-1], ()):"),),
         ("tests/tools/test_cli.py",), keyword="ls_tree"),
+    Mutation(
+        "top_ignores_q",
+        "`kvstore top` on a terminal stops on q",
+        (("tools/cli/top.py", 'os.read(fd, 1) in (b"q", b"Q")', "False"),),
+        ("tests/tools/test_cli.py",), keyword="terminal"),
+    Mutation(
+        "top_ctrl_c_is_an_error",
+        "`kvstore top` stops on Ctrl-C as a normal exit",
+        (("tools/cli/top.py", "    except KeyboardInterrupt:  # the usual", "    except ZeroDivisionError:  # the usual"),),
+        ("tests/tools/test_cli.py",), keyword="terminal"),
 )
 
 

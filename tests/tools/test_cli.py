@@ -3,11 +3,14 @@
 import io
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 
 import lmdb
@@ -450,3 +453,74 @@ def test_ls_tree_shows_chains_and_their_forks(shared_engine, kv):
     assert code == 0 and [c["first"] for c in one["chains"]] == [keys["main"][0].hex()]
     text = kv("ls", "--config", shared_engine.config, "--tree")[1]
     assert "blocks 0-1 (2," in text and "2 forks" in text and "├─ " in text and "(1-3 of 3 chain(s))" in text
+
+
+def _top_on_a_terminal(engine):
+    """`kvstore top` in a child whose controlling terminal is a pseudo-terminal: (pid, master)."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: exec at once (the test process has threads)
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "tools.cli", "top", "--config", str(engine.config),
+                                  "--interval", "0.2"])
+    return pid, master
+
+
+def _read_lines(master: int, want, engine) -> list[str]:
+    """Lines from the terminal until ``want(lines)``; the engine serves a request between reads."""
+    ns, ids, _ = DATASET["main"]
+    buf, lines = b"", []
+    while not want(lines):
+        engine.ask("match", ns=ns, ids=ids)
+        engine.ask("flush")  # persists its counters, which top samples
+        ready = select.select([master], [], [], 60)[0]
+        assert ready, f"top printed nothing for a minute: {buf!r}"
+        buf += os.read(master, 4096)
+        *done, buf = buf.split(b"\n")
+        lines += [d.decode().rstrip("\r") for d in done]
+    return lines
+
+
+@pytest.mark.parametrize("stop, name", [(b"q", "q"), (b"\x03", "Ctrl-C")])
+def test_top_on_a_terminal_refreshes_rates_and_stops_on_q_or_ctrl_c(engine, stop, name):
+    """Under a pseudo-terminal, against an engine serving requests: top prints a line an
+    interval with the engine's requests/s and hit rate, and exits 0 on q (no Enter) or Ctrl-C,
+    leaving the terminal's mode as it found it."""
+    pid, master = _top_on_a_terminal(engine)
+    try:
+        mode = termios.tcgetattr(master)
+        lines = _read_lines(master, lambda ls: sum(_busy(line) for line in ls) >= 2, engine)
+        assert lines[0].split()[:3] == ["time", "req/s", "hit"], lines
+        os.write(master, stop)
+        code = _exit_code(pid, master)
+        pid = None
+        assert code == 0, (name, lines)
+        assert termios.tcgetattr(master)[3] == mode[3]  # local modes (echo, canonical) restored
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+
+
+def _exit_code(pid: int, master: int) -> int:
+    """The child's exit code, reading its terminal meanwhile (a full terminal would block it);
+    a child still running after a minute fails the test (it did not stop)."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                os.read(master, 4096)
+            except OSError:  # EIO: the child closed its side
+                pass
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("top did not stop within a minute")
+
+
+def _busy(line: str) -> bool:
+    """A data line of top showing requests/s > 0 at a 100% hit rate."""
+    parts = line.split()
+    return len(parts) > 2 and parts[0] != "time" and float(parts[1]) > 0 and parts[2] == "100.0%"
