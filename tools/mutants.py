@@ -307,6 +307,13 @@ MUTATIONS = (
         "`kvstore top` stops on Ctrl-C as a normal exit",
         (("tools/cli/top.py", "    except KeyboardInterrupt:  # the usual", "    except ZeroDivisionError:  # the usual"),),
         ("tests/tools/test_cli.py",), keyword="terminal"),
+    Mutation(
+        "loaded_bytes_not_counted",
+        "`kvstore top` shows the bytes engines load per second",
+        (("kvstore/store.py",
+          '            self.metrics.add("loaded_bytes", source[:loaded].count(level) * raw, tier=self.tiers[level].name)',
+          "            pass"),),
+        ("tests/tools/test_cli.py",), keyword="top_once"),
 )
 
 

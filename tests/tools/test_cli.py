@@ -20,7 +20,7 @@ from kvstore.keys import block_keys, namespace_id
 from kvstore.metrics import DECLARED
 from tools import cli
 
-from ..conftest import BLOCK_TOKENS as B, make_block
+from ..conftest import BLOCK_TOKENS as B, block_nbytes, make_block
 from .conftest import ROOT
 from .engine_proc import DATASET, TOTAL_BLOCKS
 from .test_exporter import GRAFANA, samples, scrape
@@ -411,6 +411,18 @@ def test_top_once_shows_the_rates_of_an_engine_writing(engine, kv, monkeypatch):
     assert round(sum(r["hit_tokens_per_s"].values()) * r["seconds"]) == 3 * 5 * B
     assert r["hit_rate"] == 1.0 and r["miss_tokens_per_s"] == 0
     assert r["disk"]["entries"] == TOTAL_BLOCKS and r["disk"]["budget"] == 4 << 20
+    # Loads and stores in bytes: the engine loads "main" twice and stores a new 3-block chain.
+    fresh = list(range(90_000, 90_000 + 3 * B))
+
+    def engine_loads_and_stores(seconds):
+        for _ in range(2):
+            assert engine.ask("load", ns=ns, ids=ids)["blocks"] == 5
+        assert engine.ask("put", ns="tenant-a", ids=fresh)["stored"] == 3  # flushed: counters persisted
+    monkeypatch.setattr(top.time, "sleep", engine_loads_and_stores)
+    code, r, err = kv("top", "--config", engine.config, "--once", "--json")
+    assert code == 0, err
+    assert round(sum(r["loaded_bytes_per_s"].values()) * r["seconds"]) == 2 * 5 * block_nbytes()
+    assert round(r["stored_bytes_per_s"]["disk"] * r["seconds"]) == 3 * block_nbytes()
     monkeypatch.setattr(top.time, "sleep", lambda s: (engine.ask("match", ns=ns, ids=ids), engine.ask("flush")))
     code, text, _ = kv("top", "--config", engine.config, "--once")
     head, line = text.splitlines()

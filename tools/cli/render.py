@@ -261,7 +261,8 @@ def compact_text(data: dict) -> str:
 
 def top_header() -> str:
     return (f"{'time':<8}  {'req/s':>8}  {'hit':>6}  {'hit tok/s':>10}  {'miss tok/s':>10}  "
-            f"{'stored/s':>9}  {'evict/s':>8}  {'drop/s':>7}  {'disk':>9}  {'used':>6}")
+            f"{'stored/s':>9}  {'load B/s':>10}  {'store B/s':>10}  {'evict/s':>8}  {'drop/s':>7}  "
+            f"{'disk':>9}  {'used':>6}")
 
 
 def top_line(r: dict) -> str:
@@ -271,7 +272,10 @@ def top_line(r: dict) -> str:
     used = f"{100 * d['bytes'] / d['budget']:.1f}%" if d["budget"] else "-"
     return (f"{time.strftime('%H:%M:%S'):<8}  {r['requests_per_s']:>8.1f}  {100 * r['hit_rate']:>5.1f}%  "
             f"{sum(r['hit_tokens_per_s'].values()):>10.0f}  {r['miss_tokens_per_s']:>10.0f}  "
-            f"{sum(r['stored_blocks_per_s'].values()):>9.1f}  {evict:>8.1f}  {r['dropped_writes_per_s']:>7.1f}  "
+            f"{sum(r['stored_blocks_per_s'].values()):>9.1f}  "
+            f"{human_bytes(sum(r['loaded_bytes_per_s'].values())):>10}  "
+            f"{human_bytes(sum(r['stored_bytes_per_s'].values())):>10}  "
+            f"{evict:>8.1f}  {r['dropped_writes_per_s']:>7.1f}  "
             f"{human_bytes(d['bytes']):>9}  {used:>6}")
 
 

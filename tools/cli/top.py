@@ -29,10 +29,10 @@ NAME = "top"
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    tp = sub.add_parser(NAME, parents=[common], help="live rates: requests/s, hit rate, stores and evictions/s",
+    tp = sub.add_parser(NAME, parents=[common], help="live rates: requests/s, hit rate, loads and stores, evictions/s",
                         description="Print the store's rates every interval, from the lifetime counters "
-                                    "every process persists (requests/s, hit rate, hit tokens/s and stored "
-                                    "blocks/s by tier, evictions/s by tier and reason, disk occupancy).")
+                                    "every process persists (requests/s, hit rate, hit tokens/s, loaded bytes/s "
+                                    "and stored blocks and bytes/s by tier, evictions/s by tier and reason, disk occupancy).")
     tp.add_argument("--interval", type=positive_seconds, default=5.0, metavar="S",
                     help="seconds between samples, > 0 (default 5)")
     tp.add_argument("--once", action="store_true", help="one interval, one line, then exit")
@@ -40,7 +40,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 def sample(view) -> tuple[float, dict[str, float], dict]:
     u = view.usage()
-    return time.monotonic(), view.counters(), {"entries": u.entries, "bytes": u.bytes, "budget": u.budget}
+    # One block layout a store: the raw size of one block is the disk tier's mean.
+    block = u.raw_bytes / u.entries if u.entries else 0.0
+    return time.monotonic(), view.counters(), {"entries": u.entries, "bytes": u.bytes, "budget": u.budget,
+                                               "block_raw_bytes": block}
 
 
 def rates(first: tuple, second: tuple) -> dict:
@@ -51,7 +54,9 @@ def rates(first: tuple, second: tuple) -> dict:
     r = lifetime_counters(per_s)
     return {"seconds": dt, "requests_per_s": r["requests"], "hit_rate": r["hit_rate"],
             "hit_tokens_per_s": r["hit_tokens"], "miss_tokens_per_s": r["miss_tokens"],
-            "stored_blocks_per_s": r["stored_blocks"], "evictions_per_s": r["evictions"],
+            "stored_blocks_per_s": r["stored_blocks"], "loaded_bytes_per_s": r["loaded_bytes"],
+            "stored_bytes_per_s": {t: v * disk["block_raw_bytes"] for t, v in r["stored_blocks"].items()},
+            "evictions_per_s": r["evictions"],
             "dropped_writes_per_s": r["dropped_writes_total"], "disk": disk}
 
 
