@@ -17,6 +17,11 @@ class StoreOpenError(KVStoreError, OSError):
     """The store directory cannot be created, opened or written, or is not a kvstore store."""
 
 
+class StoreBusyError(StoreOpenError):
+    """An operation that needs the store to itself (``compact``) found other processes using it;
+    the message names them."""
+
+
 class IncompatibleFormatError(KVStoreError):
     """The store or a record was written by a format version this build does not read."""
 

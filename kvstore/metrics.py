@@ -65,6 +65,8 @@ DECLARED: dict[str, Declared] = _declare(
              "tokens"),
     Declared("requests", "counter", "Prompts looked up.", ""),
     Declared("stored_blocks", "counter", "Blocks newly stored, by tier.", "blocks", _TIER),
+    Declared("loaded_bytes", "counter", "Block bytes (raw) loaded by get, by the tier that served them.",
+             "bytes", _TIER),
     Declared("dropped_writes", "counter",
              "Blocks a tier could not store (full queue, budget held by pins, full disk, I/O error).",
              "blocks", {"tier": ANY, "reason": DROP_REASONS}),

@@ -425,6 +425,9 @@ class KVStore:
         now = self._clock()
         source = self._load(match.keys, outs, now)
         loaded = source.index(None) if None in source else n
+        raw = self._block_nbytes()
+        for level in set(source[:loaded]):  # persisted with the other counters: top's load GB/s
+            self.metrics.add("loaded_bytes", source[:loaded].count(level) * raw, tier=self.tiers[level].name)
         if self._promote(match.namespace, match.all_keys, range(loaded), outs, source, now):
             for tier in self.tiers:  # the promoted chain is in use: touch it as one path
                 if not tier.slow:

@@ -330,6 +330,41 @@ MUTATIONS = (
         (("engine_adapter/vllm_connector.py", "        bypass = _bypass_reason(request)\n",
           "        bypass = None\n"),),
         ("tests/vllm/test_connector_config.py",), keyword="bypassed", python="vllm"),
+    Mutation(
+        "compact_ignores_open_stores",
+        "compaction never swaps the data file under a process that has the store open",
+        (("kvstore/tiers/disk/env.py", "                fcntl.flock(fd, fcntl.LOCK_SH)  # waits",
+          "                pass  # waits"),),
+        ("tests/tools/test_compact.py",), keyword="refused"),
+    Mutation(
+        "compact_copy_keeps_free_pages",
+        "compaction gives the free pages of the data file back",
+        (("kvstore/tiers/disk/env.py", "self._env.copy(str(tmp), compact=True)",
+          "self._env.copy(str(tmp), compact=False)"),),
+        ("tests/tools/test_compact.py",), keyword="shrinks"),
+    Mutation(
+        "ls_tree_forks_lost",
+        "`ls --tree` shows where chains fork",
+        (("tools/cli/ls.py", "        while len(children.get(keys[-1], ())) == 1:",
+          "        while children.get(keys[-1], ()):"),),
+        ("tests/tools/test_cli.py",), keyword="ls_tree"),
+    Mutation(
+        "top_ignores_q",
+        "`kvstore top` on a terminal stops on q",
+        (("tools/cli/top.py", 'os.read(fd, 1) in (b"q", b"Q")', "False"),),
+        ("tests/tools/test_cli.py",), keyword="terminal"),
+    Mutation(
+        "top_ctrl_c_is_an_error",
+        "`kvstore top` stops on Ctrl-C as a normal exit",
+        (("tools/cli/top.py", "    except KeyboardInterrupt:  # the usual", "    except ZeroDivisionError:  # the usual"),),
+        ("tests/tools/test_cli.py",), keyword="terminal"),
+    Mutation(
+        "loaded_bytes_not_counted",
+        "`kvstore top` shows the bytes engines load per second",
+        (("kvstore/store.py",
+          '            self.metrics.add("loaded_bytes", source[:loaded].count(level) * raw, tier=self.tiers[level].name)',
+          "            pass"),),
+        ("tests/tools/test_cli.py",), keyword="top_once"),
 )
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kvstore import KVStore, StoreConfig
+from tools.cli.counters import lifetime_counters
 
 SHAPE = (4, 2, 2, 64, 32)  # 64 KiB of float16 per block
 BLOCK = 64
@@ -72,9 +73,11 @@ def main() -> int:
                 errors.append(traceback.format_exc())
             counts["ops"] += 1
         stats = s.stats()
-    counts["dropped_writes"] = stats["dropped_writes"]
+        # This process's counters, nested as `kvstore stats --json` shows them: {tier: {reason: n}}.
+        nested = lifetime_counters(s.metrics.flat())
+    counts["dropped_writes"] = nested["dropped_writes"]
     counts["io_errors"] = stats["io_errors"]
-    counts["evictions"] = stats["evictions"]
+    counts["evictions"] = nested["evictions"]
     print(json.dumps({"role": role, **counts, "first_errors": errors[:3]}), flush=True)
     return 1 if counts["errors"] or counts["wrong_blocks"] else 0
 

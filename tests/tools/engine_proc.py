@@ -3,7 +3,8 @@
 ``python -m tests.tools.engine_proc CONFIG.toml`` opens the store (host and disk tiers), fills it
 with DATASET, prints ``ready`` and then answers one JSON command per stdin line with one JSON
 line: ``{"op": "disk_held", "ns": ..., "ids": [...]}`` (per block: does this process's disk tier
-hold it), ``{"op": "match", ...}``, ``{"op": "flush"}``, ``{"op": "exit"}``.
+hold it), ``{"op": "match", ...}``, ``{"op": "load", ...}`` (match and get), ``{"op": "put", ...}``
+(stores the missing blocks, flushed), ``{"op": "flush"}``, ``{"op": "exit"}``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def main(config_file: str) -> None:
         elif op == "disk_held":
             keys = block_keys(cmd["ns"], cmd["ids"], B)
             out = {"held": store.tier("disk").contains_many(keys, time.time())}
+        elif op == "load":  # a hit an engine uses: match, then get
+            out = {"blocks": len(store.get(store.match(cmd["ids"], namespace=cmd["ns"])))}
+        elif op == "put":  # blocks an engine computed, stored (and written to disk by flush)
+            m = store.match(cmd["ids"], namespace=cmd["ns"])
+            n = len(cmd["ids"]) // B - m.num_blocks
+            stored = store.put(cmd["ids"], [make_block(10_000 + i) for i in range(n)], namespace=cmd["ns"],
+                               start_block=m.num_blocks)
+            store.flush()
+            out = {"stored": stored}
         elif op == "match":
             m = store.match(cmd["ids"], namespace=cmd["ns"])
             out = {"blocks": m.num_blocks, "tiers": list(m.tiers)}

@@ -3,22 +3,27 @@
 import io
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 
 import lmdb
 import pytest
 
 from kvstore.keys import block_keys, namespace_id
+from kvstore.metrics import DECLARED
 from tools import cli
 
-from ..conftest import BLOCK_TOKENS as B, make_block
+from ..conftest import BLOCK_TOKENS as B, block_nbytes, make_block
 from .conftest import ROOT
 from .engine_proc import DATASET, TOTAL_BLOCKS
-from .test_exporter import samples, scrape
+from .test_exporter import GRAFANA, samples, scrape
 
 
 def keys_of(name):
@@ -348,6 +353,15 @@ def test_serve_metrics_from_outside_the_engine(shared_engine, kv):
         assert code == 0 and exported == stats["counters"]["requests"] >= 5
         assert sum(v for (name, _), v in got.items() if name == "kvstore_hit_tokens_total") == \
             stats["counters"]["hit_tokens_total"]
+        # A Grafana board scraping it: every metric its panels use is exported from outside too,
+        # except the latency histograms, which only an engine's own process measures.
+        dash = json.loads(GRAFANA.read_text())
+        used = {n for p in dash["panels"] for t in p.get("targets", [])
+                for n in re.findall(r"\bkvstore_\w+", t["expr"])}
+        exported = {name for name, _ in got}
+        latency = {f"kvstore_{m.name}_bucket" for m in DECLARED.values() if m.kind == "histogram"}
+        assert used - exported and used - exported <= latency, used - exported
+        assert {"kvstore_remote_hits_total", "kvstore_remote_bytes_total"} <= used & exported
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, proc.stderr.read()
@@ -397,6 +411,18 @@ def test_top_once_shows_the_rates_of_an_engine_writing(engine, kv, monkeypatch):
     assert round(sum(r["hit_tokens_per_s"].values()) * r["seconds"]) == 3 * 5 * B
     assert r["hit_rate"] == 1.0 and r["miss_tokens_per_s"] == 0
     assert r["disk"]["entries"] == TOTAL_BLOCKS and r["disk"]["budget"] == 4 << 20
+    # Loads and stores in bytes: the engine loads "main" twice and stores a new 3-block chain.
+    fresh = list(range(90_000, 90_000 + 3 * B))
+
+    def engine_loads_and_stores(seconds):
+        for _ in range(2):
+            assert engine.ask("load", ns=ns, ids=ids)["blocks"] == 5
+        assert engine.ask("put", ns="tenant-a", ids=fresh)["stored"] == 3  # flushed: counters persisted
+    monkeypatch.setattr(top.time, "sleep", engine_loads_and_stores)
+    code, r, err = kv("top", "--config", engine.config, "--once", "--json")
+    assert code == 0, err
+    assert round(sum(r["loaded_bytes_per_s"].values()) * r["seconds"]) == 2 * 5 * block_nbytes()
+    assert round(r["stored_bytes_per_s"]["disk"] * r["seconds"]) == 3 * block_nbytes()
     monkeypatch.setattr(top.time, "sleep", lambda s: (engine.ask("match", ns=ns, ids=ids), engine.ask("flush")))
     code, text, _ = kv("top", "--config", engine.config, "--once")
     head, line = text.splitlines()
@@ -417,3 +443,96 @@ def test_reading_commands_start_without_torch(argv, open_store, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
                          timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
     assert out.stdout.splitlines()[-1] == "RESULT 0 False _LazyModule", out.stderr
+
+
+def test_ls_tree_shows_chains_and_their_forks(shared_engine, kv):
+    """`ls --tree`: one node per run of blocks without a fork; "main" and "branch" share their
+    first two blocks, then fork; `--key` of a block deep in "branch" shows the tree from its
+    chain's first block."""
+    keys = {name: block_keys(ns, ids, B) for name, (ns, ids, _) in DATASET.items()}
+    code, data, err = kv("ls", "--config", shared_engine.config, "--tree", "--json")
+    assert code == 0, err
+    runs = {c["first"]: c for c in data["chains"]}
+    assert data["total"] == 3 and set(runs) == {keys["old"][0].hex(), keys["main"][0].hex(), keys["other"][0].hex()}
+    shared = runs[keys["main"][0].hex()]
+    assert (shared["blocks"], shared["last"], shared["namespace"]) == (2, keys["main"][1].hex(), "tenant-a")
+    forks = {c["first"]: c for c in shared["children"]}
+    assert set(forks) == {keys["main"][2].hex(), keys["branch"][2].hex()}
+    assert (forks[keys["main"][2].hex()]["blocks"], forks[keys["branch"][2].hex()]["blocks"]) == (3, 2)
+    assert all(not c["children"] for c in forks.values())
+    assert runs[keys["old"][0].hex()]["blocks"] == 4 and not runs[keys["old"][0].hex()]["children"]
+    code, one, _ = kv("ls", "--config", shared_engine.config, "--tree", "--key", keys["branch"][3].hex(), "--json")
+    assert code == 0 and [c["first"] for c in one["chains"]] == [keys["main"][0].hex()]
+    text = kv("ls", "--config", shared_engine.config, "--tree")[1]
+    assert "blocks 0-1 (2," in text and "2 forks" in text and "├─ " in text and "(1-3 of 3 chain(s))" in text
+
+
+def _top_on_a_terminal(engine):
+    """`kvstore top` in a child whose controlling terminal is a pseudo-terminal: (pid, master)."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: exec at once (the test process has threads)
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "tools.cli", "top", "--config", str(engine.config),
+                                  "--interval", "0.2"])
+    return pid, master
+
+
+def _read_lines(master: int, want, engine) -> list[str]:
+    """Lines from the terminal until ``want(lines)``; the engine serves a request between reads."""
+    ns, ids, _ = DATASET["main"]
+    buf, lines = b"", []
+    while not want(lines):
+        engine.ask("match", ns=ns, ids=ids)
+        engine.ask("flush")  # persists its counters, which top samples
+        ready = select.select([master], [], [], 60)[0]
+        assert ready, f"top printed nothing for a minute: {buf!r}"
+        buf += os.read(master, 4096)
+        *done, buf = buf.split(b"\n")
+        lines += [d.decode().rstrip("\r") for d in done]
+    return lines
+
+
+@pytest.mark.parametrize("stop, name", [(b"q", "q"), (b"\x03", "Ctrl-C")])
+def test_top_on_a_terminal_refreshes_rates_and_stops_on_q_or_ctrl_c(engine, stop, name):
+    """Under a pseudo-terminal, against an engine serving requests: top prints a line an
+    interval with the engine's requests/s and hit rate, and exits 0 on q (no Enter) or Ctrl-C,
+    leaving the terminal's mode as it found it."""
+    pid, master = _top_on_a_terminal(engine)
+    try:
+        mode = termios.tcgetattr(master)
+        lines = _read_lines(master, lambda ls: sum(_busy(line) for line in ls) >= 2, engine)
+        assert lines[0].split()[:3] == ["time", "req/s", "hit"], lines
+        os.write(master, stop)
+        code = _exit_code(pid, master)
+        pid = None
+        assert code == 0, (name, lines)
+        assert termios.tcgetattr(master)[3] == mode[3]  # local modes (echo, canonical) restored
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+
+
+def _exit_code(pid: int, master: int) -> int:
+    """The child's exit code, reading its terminal meanwhile (a full terminal would block it);
+    a child still running after a minute fails the test (it did not stop)."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                os.read(master, 4096)
+            except OSError:  # EIO: the child closed its side
+                pass
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("top did not stop within a minute")
+
+
+def _busy(line: str) -> bool:
+    """A data line of top showing requests/s > 0 at a 100% hit rate."""
+    parts = line.split()
+    return len(parts) > 2 and parts[0] != "time" and float(parts[1]) > 0 and parts[2] == "100.0%"

@@ -9,10 +9,10 @@ records it did not remove (``inspect`` when the record is corrupt).
 
 Commands read the disk tier through short LMDB read transactions, which never block an engine's
 writes. A purge removes blocks from the disk tier and logs them there; running engines drop the
-same blocks from their RAM tiers within a second.
+same blocks from their RAM tiers within a second. ``compact`` alone needs the store to itself.
 
 Layout: one module a command (``stats``, ``ls``, ``inspect_block``, ``purge``, ``verify``,
-``explain``, ``serve_metrics``, ``top``), each with ``run(args)`` computing plain data; ``render`` turns
+``explain``, ``serve_metrics``, ``top``, ``compact``), each with ``run(args)`` computing plain data; ``render`` turns
 that data into text or JSON; ``reading`` is the one place that calls into the store; ``blocks``,
 ``prompts``, ``options``, ``counters`` and ``progress`` hold what several commands share; ``parser`` builds the
 command line. A command module imports no other command module.

@@ -36,6 +36,7 @@ def lifetime_counters(flat: dict[str, float]) -> dict:
     return {
         "requests": sum(v for _, v in series("requests")),
         "stored_blocks": by_tier("stored_blocks"),
+        "loaded_bytes": by_tier("loaded_bytes"),
         "hit_tokens": hits, "hit_tokens_total": hit, "miss_tokens": miss,
         "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
         "evictions": evictions, "evictions_total": sum(v for r in evictions.values() for v in r.values()),

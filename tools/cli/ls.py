@@ -1,4 +1,5 @@
-"""``kvstore ls``: the disk tier's blocks, filtered, sorted and paged."""
+"""``kvstore ls``: the disk tier's blocks, filtered, sorted and paged; ``--tree``: their chains
+and forks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 from kvstore import KVStoreError
 
-from .blocks import entry_json, namespace_filter, ns_label
+from .blocks import entry_json, namespace_filter, ns_label, short_id
 from .options import count, duration, hex_prefix
 from .reading import open_view
 from .render import Result
@@ -34,6 +35,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     ls.add_argument("--reverse", action="store_true", help="reverse the order")
     ls.add_argument("--limit", type=count, default=50, metavar="N", help="at most N rows (0: all; default 50)")
     ls.add_argument("--offset", type=count, default=0, metavar="N", help="skip the first N rows")
+    ls.add_argument("--tree", action="store_true",
+                    help="chains and their forks as a tree (rows: chains; with --key: the tree holding that block, "
+                         "from its chain's first block)")
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -56,7 +60,48 @@ def run(args: argparse.Namespace) -> Result:
         and (args.idle_longer_than is None or now - m.last_access > args.idle_longer_than)
         and (not args.pinned or m.pinned_until > now)
     ]
+    if args.tree:
+        return Result(tree(entries, rows, names, key_prefix is not None, args))
     rows.sort(key=SORTS[args.sort], reverse=args.reverse)
     page = rows[args.offset:args.offset + args.limit] if args.limit else rows[args.offset:]
     items = [entry_json(k, m, names, ttl, bt, now) for k, m in page]
     return Result({"total": len(rows), "offset": args.offset, "count": len(items), "entries": items})
+
+
+def tree(entries, rows, names: dict[int, str], to_root: bool, args: argparse.Namespace) -> dict:
+    """The chains through ``rows`` as trees of runs: a run is a stretch of blocks each with one
+    child held, so a tree has a node per fork, not per block (chains are thousands deep).
+
+    Roots are the rows with no parent among them, or with ``to_root`` (a ``--key``) the first
+    block of each row's chain, walked up through the parents held. Paged by root."""
+    meta = dict(entries)
+    children: dict[bytes, list[bytes]] = {}
+    for k, m in entries:
+        if m.parent in meta:
+            children.setdefault(m.parent, []).append(k)
+    for kids in children.values():
+        kids.sort(key=lambda k: (meta[k].created, k))
+    selected = {k for k, _ in rows}
+    if to_root:
+        roots = set()
+        for k in selected:
+            while meta[k].parent in meta:
+                k = meta[k].parent
+            roots.add(k)
+    else:
+        roots = {k for k in selected if meta[k].parent not in selected}
+    order = sorted(roots, key=lambda k: (ns_label(names, meta[k].namespace_id), meta[k].depth, meta[k].created, k))
+
+    def run(key: bytes) -> dict:
+        keys = [key]
+        while len(children.get(keys[-1], ())) == 1:
+            keys.append(children[keys[-1]][0])
+        first = meta[key]
+        return {"first": key.hex(), "last": keys[-1].hex(), "namespace": ns_label(names, first.namespace_id),
+                "namespace_id": short_id(first.namespace_id), "depth": first.depth, "blocks": len(keys),
+                "stored_bytes": sum(meta[k].stored_bytes for k in keys),
+                "selected": sum(k in selected for k in keys),
+                "children": [run(c) for c in children.get(keys[-1], ())]}
+    page = order[args.offset:args.offset + args.limit] if args.limit else order[args.offset:]
+    return {"tree": True, "total": len(order), "offset": args.offset, "count": len(page),
+            "chains": [run(k) for k in page]}

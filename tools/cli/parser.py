@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import explain, inspect_block, ls, purge, serve_metrics, stats, top, verify
+from . import compact, explain, inspect_block, ls, purge, serve_metrics, stats, top, verify
 from .options import Parser
 
 # In the order --help lists them; each module has NAME, add_parser(sub, common) and run(args).
-COMMANDS = {m.NAME: m for m in (stats, ls, inspect_block, purge, verify, explain, serve_metrics, top)}
+COMMANDS = {m.NAME: m for m in (stats, ls, inspect_block, purge, verify, explain, serve_metrics, top, compact)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from kvstore import KVStore, KVStoreError, StoreConfig
 from kvstore.store import PurgePlan
 from kvstore.config import ENV_PREFIX
 from kvstore.eviction import EntryMeta
+from kvstore.tiers.disk import LMDBEnv
 
 
 def config(args: argparse.Namespace, path: str | None = None) -> StoreConfig:
@@ -127,17 +128,38 @@ def open_view(args: argparse.Namespace, writable: bool = False) -> StoreView:
         KVStoreError: no path, not a store, a newer format, or an unusable directory.
     """
     cfg = config(args)
-    data = os.path.join(cfg.path, "disk", "data.mdb")
-    if not os.path.isfile(data):
-        raise KVStoreError(f"{cfg.path}: not a kvstore store (no disk/data.mdb inside)")
-    if not _is_lmdb(data):
-        # LMDB would format an empty or foreign file as a new environment: never write there.
-        raise KVStoreError(f"{cfg.path}: not a kvstore store (disk/data.mdb is not an LMDB file)")
+    _check_is_store(str(cfg.path))
     store = KVStore.open(cfg, readonly=not writable)
     if store.tier("disk") is None:
         store.close()
         raise KVStoreError(f"{cfg.path}: the config disables the disk tier (disk_bytes = 0)")
     return StoreView(store)
+
+
+def compact(args: argparse.Namespace, progress=None) -> dict[str, dict[str, int]]:
+    """Compacts the disk tier of the store named by the arguments (``LMDBEnv.compact``), which
+    no other process may have open meanwhile; ``progress(done, total)`` as there.
+
+    Raises:
+        KVStoreError: not a store, in use by other processes (``StoreBusyError``, naming them),
+            or the copy failed (the store is left as it was).
+    """
+    cfg = config(args)
+    _check_is_store(str(cfg.path))
+    env = LMDBEnv(os.path.join(cfg.path, "disk"), 2 * cfg.disk_bytes, exclusive=True)
+    try:
+        return env.compact(progress)
+    finally:
+        env.close()
+
+
+def _check_is_store(path: str) -> None:
+    data = os.path.join(path, "disk", "data.mdb")
+    if not os.path.isfile(data):
+        raise KVStoreError(f"{path}: not a kvstore store (no disk/data.mdb inside)")
+    if not _is_lmdb(data):
+        # LMDB would format an empty or foreign file as a new environment: never write there.
+        raise KVStoreError(f"{path}: not a kvstore store (disk/data.mdb is not an LMDB file)")
 
 
 # An LMDB data file starts with a meta page: a 16-byte page header, then this magic number.

@@ -139,7 +139,35 @@ def stats_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+def ls_tree_text(data: dict) -> str:
+    """One line a run of blocks (a stretch without forks), indented under the run it forks from."""
+    lines: list[str] = []
+
+    def draw(node: dict, lead: str, branch: str) -> None:
+        last = node["depth"] + node["blocks"] - 1
+        span_ = f"block {last}" if node["blocks"] == 1 else f"blocks {node['depth']}-{last}"
+        keys = node["first"][:12] + ("" if node["blocks"] == 1 else ".." + node["last"][:12])
+        lines.append(f"{lead}{branch}{keys}  {span_} ({node['blocks']}, {human_bytes(node['stored_bytes'])})"
+                     + (f"  {len(node['children'])} forks" if len(node["children"]) > 1 else ""))
+        inner = lead + ("   " if branch in ("", "└─ ") else "│  ")
+        for i, child in enumerate(node["children"]):
+            draw(child, inner, "└─ " if i == len(node["children"]) - 1 else "├─ ")
+    ns = None
+    for chain in data["chains"]:
+        if chain["namespace"] != ns:
+            ns = chain["namespace"]
+            lines.append(f"{ns} ({chain['namespace_id']})")
+        draw(chain, "", "└─ ")
+    offset, count, total = data["offset"], data["count"], data["total"]
+    shown = f"{offset + 1}-{offset + count}" if count else "none"
+    more = f"; next page: --offset {offset + count}" if offset + count < total else ""
+    lines.append(f"({shown} of {total} chain(s){more})")
+    return "\n".join(lines)
+
+
 def ls_text(data: dict) -> str:
+    if data.get("tree"):
+        return ls_tree_text(data)
     now = time.time()
     lines = [f"{'KEY':<12}  {'NS':<9}  {'BLOCK':>5}  {'RAW':>9}  {'STORED':>9}  {'CREATED':>10}  {'LAST USE':>10}  "
              f"{'EXPIRES':>10}  {'PINNED':>10}  NAMESPACE"]
@@ -223,9 +251,18 @@ def verify_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+def compact_text(data: dict) -> str:
+    b, a = data["before"], data["after"]
+    return (f"compacted {data['path']}: data file {human_bytes(b['file_bytes'])} -> "
+            f"{human_bytes(a['file_bytes'])} ({human_bytes(data['reclaimed_bytes'])} given back); "
+            f"data {human_bytes(b['data_bytes'])} -> {human_bytes(a['data_bytes'])}, free for reuse "
+            f"{human_bytes(b['free_bytes'])} -> {human_bytes(a['free_bytes'])}")
+
+
 def top_header() -> str:
     return (f"{'time':<8}  {'req/s':>8}  {'hit':>6}  {'hit tok/s':>10}  {'miss tok/s':>10}  "
-            f"{'stored/s':>9}  {'evict/s':>8}  {'drop/s':>7}  {'disk':>9}  {'used':>6}")
+            f"{'stored/s':>9}  {'load B/s':>10}  {'store B/s':>10}  {'evict/s':>8}  {'drop/s':>7}  "
+            f"{'disk':>9}  {'used':>6}")
 
 
 def top_line(r: dict) -> str:
@@ -235,11 +272,14 @@ def top_line(r: dict) -> str:
     used = f"{100 * d['bytes'] / d['budget']:.1f}%" if d["budget"] else "-"
     return (f"{time.strftime('%H:%M:%S'):<8}  {r['requests_per_s']:>8.1f}  {100 * r['hit_rate']:>5.1f}%  "
             f"{sum(r['hit_tokens_per_s'].values()):>10.0f}  {r['miss_tokens_per_s']:>10.0f}  "
-            f"{sum(r['stored_blocks_per_s'].values()):>9.1f}  {evict:>8.1f}  {r['dropped_writes_per_s']:>7.1f}  "
+            f"{sum(r['stored_blocks_per_s'].values()):>9.1f}  "
+            f"{human_bytes(sum(r['loaded_bytes_per_s'].values())):>10}  "
+            f"{human_bytes(sum(r['stored_bytes_per_s'].values())):>10}  "
+            f"{evict:>8.1f}  {r['dropped_writes_per_s']:>7.1f}  "
             f"{human_bytes(d['bytes']):>9}  {used:>6}")
 
 
 TEXT: dict[str, Callable[[Any], str]] = {
     "stats": stats_text, "ls": ls_text, "inspect": inspect_text, "purge": purge_text,
-    "verify": verify_text, "explain": explainlib.render,
+    "verify": verify_text, "explain": explainlib.render, "compact": compact_text,
 }

@@ -4,13 +4,21 @@
 Each line compares two samples of the counters every process persisted (engines flush theirs
 every few seconds while they write), so a rate covers whole flushes: it is exact over the
 interval's flushes, and an interval shorter than the engines' flush period shows bursts.
+
+On a terminal it stops on ``q`` (read without Enter) or Ctrl-C, both a normal exit (0).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import select
+import sys
+import termios
 import time
+import tty
 
 from .counters import lifetime_counters
 from .options import positive_seconds
@@ -21,10 +29,10 @@ NAME = "top"
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    tp = sub.add_parser(NAME, parents=[common], help="live rates: requests/s, hit rate, stores and evictions/s",
+    tp = sub.add_parser(NAME, parents=[common], help="live rates: requests/s, hit rate, loads and stores, evictions/s",
                         description="Print the store's rates every interval, from the lifetime counters "
-                                    "every process persists (requests/s, hit rate, hit tokens/s and stored "
-                                    "blocks/s by tier, evictions/s by tier and reason, disk occupancy).")
+                                    "every process persists (requests/s, hit rate, hit tokens/s, loaded bytes/s "
+                                    "and stored blocks and bytes/s by tier, evictions/s by tier and reason, disk occupancy).")
     tp.add_argument("--interval", type=positive_seconds, default=5.0, metavar="S",
                     help="seconds between samples, > 0 (default 5)")
     tp.add_argument("--once", action="store_true", help="one interval, one line, then exit")
@@ -32,7 +40,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 def sample(view) -> tuple[float, dict[str, float], dict]:
     u = view.usage()
-    return time.monotonic(), view.counters(), {"entries": u.entries, "bytes": u.bytes, "budget": u.budget}
+    # One block layout a store: the raw size of one block is the disk tier's mean.
+    block = u.raw_bytes / u.entries if u.entries else 0.0
+    return time.monotonic(), view.counters(), {"entries": u.entries, "bytes": u.bytes, "budget": u.budget,
+                                               "block_raw_bytes": block}
 
 
 def rates(first: tuple, second: tuple) -> dict:
@@ -43,26 +54,64 @@ def rates(first: tuple, second: tuple) -> dict:
     r = lifetime_counters(per_s)
     return {"seconds": dt, "requests_per_s": r["requests"], "hit_rate": r["hit_rate"],
             "hit_tokens_per_s": r["hit_tokens"], "miss_tokens_per_s": r["miss_tokens"],
-            "stored_blocks_per_s": r["stored_blocks"], "evictions_per_s": r["evictions"],
+            "stored_blocks_per_s": r["stored_blocks"], "loaded_bytes_per_s": r["loaded_bytes"],
+            "stored_bytes_per_s": {t: v * disk["block_raw_bytes"] for t, v in r["stored_blocks"].items()},
+            "evictions_per_s": r["evictions"],
             "dropped_writes_per_s": r["dropped_writes_total"], "disk": disk}
 
 
+@contextlib.contextmanager
+def _keys():
+    """A ``wait(seconds) -> quit?`` function: on a terminal it returns early, True, when ``q`` is
+    typed (the terminal in cbreak mode meanwhile, restored after); elsewhere it just sleeps."""
+    fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    if fd is None:
+        def sleep(seconds: float) -> bool:
+            time.sleep(seconds)
+            return False
+        yield sleep
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)  # keys without Enter; Ctrl-C still interrupts
+
+    def wait(seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0] and os.read(fd, 1) in (b"q", b"Q"):
+                return True
+        return False
+    try:
+        yield wait
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def run(args: argparse.Namespace) -> Result:
-    """Prints a line an interval (a JSON object a line with --json) until Ctrl-C; no result."""
-    with open_view(args) as view:
-        last = sample(view)
-        lines = 0
-        while True:
-            time.sleep(args.interval)
-            now = sample(view)
-            r = rates(last, now)
-            last = now
-            if args.json:
-                print_text(json.dumps(r))
-            else:
-                if lines % 20 == 0:
-                    print_text(top_header())
-                print_text(top_line(r))
-            lines += 1
-            if args.once:
-                return Result(None)
+    """Prints a line an interval (a JSON object a line with --json) until ``q`` or Ctrl-C (exit
+    0); no result."""
+    try:
+        with open_view(args) as view, _keys() as wait:
+            _loop(args, view, wait)
+    except KeyboardInterrupt:  # the usual way to stop a live view: not an error
+        pass
+    return Result(None)
+
+
+def _loop(args: argparse.Namespace, view, wait) -> None:
+    last = sample(view)
+    lines = 0
+    while True:
+        if wait(args.interval):
+            return
+        now = sample(view)
+        r = rates(last, now)
+        last = now
+        if args.json:
+            print_text(json.dumps(r))
+        else:
+            if lines % 20 == 0:
+                print_text(top_header())
+            print_text(top_line(r))
+        lines += 1
+        if args.once:
+            return

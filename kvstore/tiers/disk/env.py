@@ -13,7 +13,10 @@ Every LMDB rule of the project lives in this module (the only one that imports `
   process shrinks the file under another's map;
 - ``reader_check()`` at open clears reader slots of killed processes;
 - never ``readahead=False`` (measured 30 MB/s cold);
-- the environment belongs to the process that opened it: a forked child reopens it.
+- the environment belongs to the process that opened it: a forked child reopens it;
+- every open holds ``open.lock`` shared for the environment's life; ``compact`` takes it
+  exclusive, so a compaction never swaps the file under a process that maps it, and an open
+  waits for a compaction in progress to finish.
 
 A read-only environment writes nothing (no lock-file allocation, no ``resize.lock``, no database
 created) and works on a read-only mount, where LMDB runs without its lock file.
@@ -25,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import struct
 import threading
 import weakref
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import lmdb
 
-from ...errors import IncompatibleFormatError, StoreOpenError
+from ...errors import IncompatibleFormatError, StoreBusyError, StoreOpenError
 
 LMDBError = lmdb.Error  # what a transaction raises for a fault inside LMDB
 DISK_FORMAT_VERSION = 1
@@ -114,22 +118,61 @@ class LMDBEnv:
         path: the environment's directory.
         map_cap: the largest map (and data file) this process grows to.
         readonly: open for reading only; the environment must already exist.
+        exclusive: the only process with the environment open (``compact`` needs it); refused,
+            not waited for, when others have it open.
 
     Raises (at open):
         StoreOpenError: the directory cannot be opened (or, read-only, holds no environment).
+        StoreBusyError: ``exclusive`` and other processes have the environment open.
         IncompatibleFormatError: the store was written by a newer format version.
     """
 
-    def __init__(self, path: str | os.PathLike, map_cap: int, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, map_cap: int, readonly: bool = False,
+                 exclusive: bool = False):
         self.path = Path(path)
         self.map_cap = max(map_cap, _MIN_MAP)
         self.readonly = readonly
+        self.exclusive = exclusive
         self.lock = threading.RLock()  # writers and reopen; never held by readers
         self._after_fork: list[Callable[[], None]] = []
         self._env: lmdb.Environment | None = None
         self._pid = -1
-        self._open()
+        self._users = self._hold_open_lock()
+        try:
+            self._open()
+        except BaseException:
+            if self._users is not None:
+                os.close(self._users)
+            raise
         self._fork_hooks()
+
+    def _hold_open_lock(self) -> int | None:
+        """Takes ``open.lock`` (shared, or exclusive without waiting) and returns its descriptor,
+        held until ``close``. A forked child shares the parent's descriptor, and with it the lock.
+        A read-only open where the lock file cannot be created (a read-only mount) goes without:
+        nothing can compact such a store.
+
+        Raises StoreBusyError: ``exclusive`` and another process holds the lock."""
+        lock = self.path / "open.lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            if self.readonly:
+                return None
+            raise StoreOpenError(f"{lock}: cannot create the open lock") from None
+        try:
+            if self.exclusive:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StoreBusyError(f"{self.path.parent}: in use by {_holders(lock)}: stop "
+                                         "them (engines, kvstore commands) and try again") from None
+            else:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a compaction swaps the file
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _fork_hooks(self) -> None:
         """A fork waits for the write transaction in progress (``lock``), so none comes along to
@@ -369,8 +412,119 @@ class LMDBEnv:
                     return
             self._adopt_map()
 
+    # -- compaction ------------------------------------------------------------------------------
+    def compact(self, progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, int]]:
+        """Replaces the data file with LMDB's compacting copy: only the pages in use, free pages
+        dropped, every database (records, settings, counters, ...) kept. Needs ``exclusive``.
+
+        The copy is made beside the file, checked (every database holds as many entries), synced
+        and renamed over the file; a failure leaves the old file as it was. ``progress(done,
+        total)`` is called about 10 times a second with the bytes copied and those to copy.
+
+        Returns ``{"before": file_usage(), "after": file_usage()}``.
+        Raises StoreOpenError: the copy failed (no space, I/O error) or does not match.
+        """
+        if not self.exclusive or self.readonly:
+            raise PermissionError(f"{self.path}: compaction needs the environment opened exclusive")
+        before = self.file_usage()
+        tmp = self.path / "compact.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a compaction killed half-way left it
+        tmp.mkdir(mode=0o700)
+        try:
+            with self.lock:
+                self._copy_compacted(tmp, before["data_bytes"], progress)
+                expected = self._entry_counts(self._env)
+                copy = lmdb.open(str(tmp), readonly=True, lock=False, max_dbs=16)
+                try:
+                    got = self._entry_counts(copy)
+                finally:
+                    copy.close()
+                if got != expected:
+                    raise StoreOpenError(f"{self.path}: the compacted copy does not match "
+                                         f"(entries {got} instead of {expected}); store left as it was")
+                fd = os.open(tmp / "data.mdb", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # Nobody else maps the file (open.lock): close ours, swap, reopen the copy.
+                self._env.close()
+                self._env = None
+                os.replace(tmp / "data.mdb", self.path / "data.mdb")
+                dfd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+                self._open()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {"before": before, "after": self.file_usage()}
+
+    def _copy_compacted(self, tmp: Path, total: int, progress: Callable[[int, int], None] | None) -> None:
+        """``env.copy(compact=True)`` into ``tmp`` on a thread, reporting the copy's growth."""
+        failed: list[BaseException] = []
+
+        def copy() -> None:
+            try:
+                with self._gate.shared():
+                    self._env.copy(str(tmp), compact=True)
+            except BaseException as e:  # reported on the caller's thread
+                failed.append(e)
+        if progress is not None:
+            progress(0, total)  # the start: a rate shown is over the whole copy
+        t = threading.Thread(target=copy, name="kvstore-compact", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.1)
+            if progress is not None:
+                out = tmp / "data.mdb"
+                progress(out.stat().st_size if out.exists() else 0, total)
+        if failed:
+            e = failed[0]
+            raise StoreOpenError(f"{self.path}: compaction failed, store left as it was: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+
+    def _entry_counts(self, env: lmdb.Environment) -> dict[str, int]:
+        out = {}
+        with env.begin() as txn:
+            for name in DBS:
+                try:
+                    db = env.open_db(name, txn=txn, create=False)
+                except lmdb.NotFoundError:
+                    continue
+                out[name.decode()] = txn.stat(db)["entries"]
+        return out
+
     def close(self) -> None:
         with self.lock:
             if self._env is not None and self._pid == os.getpid():
                 self._env.close()
             self._env = None
+            if self._users is not None:
+                os.close(self._users)
+                self._users = None
+
+
+def _holders(lock: Path) -> str:
+    """The processes holding ``lock`` (from /proc/locks: pid and command line), for a refusal."""
+    try:
+        inode = lock.stat().st_ino
+        with open("/proc/locks") as f:
+            pids = sorted({int(p[4]) for p in (line.split() for line in f)
+                           if len(p) > 5 and p[1] == "FLOCK" and p[5].endswith(f":{inode}")
+                           and p[4].isdigit() and int(p[4]) != os.getpid()})
+    except (OSError, ValueError):
+        pids = []
+    if not pids:
+        return "another process"
+    names = []
+    for pid in pids[:5]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        names.append(f"pid {pid}" + (f" ({cmd[:60]})" if cmd else ""))
+    more = f" and {len(pids) - 5} more" if len(pids) > 5 else ""
+    return ", ".join(names) + more
