@@ -365,6 +365,11 @@ MUTATIONS = (
           '            self.metrics.add("loaded_bytes", source[:loaded].count(level) * raw, tier=self.tiers[level].name)',
           "            pass"),),
         ("tests/tools/test_cli.py",), keyword="top_once"),
+    Mutation(
+        "serve_metrics_own_counters",
+        "the dashboard of kvstore serve-metrics shows every tile of a store an engine fills",
+        (("tools/cli/serve_metrics.py", "process_counters=False,", "process_counters=True,"),),
+        ("tests/tools/test_dashboard.py",), keyword="engine_fills"),
 )
 
 

@@ -93,3 +93,60 @@ def test_dashboard_of_serve_metrics_shows_lifetime_counters_and_explains_latency
     note = browser.run("return [document.getElementById('note').hidden, "
                        "document.getElementById('note').textContent]")
     assert note[0] is False and "lifetime totals" in note[1] and "latency" in note[1]
+
+
+def test_dashboard_of_serve_metrics_on_a_store_an_engine_fills(browser, engine, kv, tmp_path):
+    """`kvstore serve-metrics` in its own process, on a store an engine process (engine_proc)
+    uses: while the engine serves lookups and a purge runs between samples, every tile shows a
+    figure (none "—") equal to the store's lifetime counters, and the hit-rate, occupancy,
+    throughput and eviction charts draw lines; latency, which only an engine's own exporter has,
+    is left empty with the note saying why."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    from .engine_proc import DATASET
+
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve-metrics", "--config", str(engine.config),
+                             "--port", "0", "--interval", str(SAMPLE_S), "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = json.loads(proc.stdout.readline())["dashboard"]
+        browser.get(url)
+        wait_for_samples(browser, 1)
+        ns, ids, _ = DATASET["main"]
+        for r in range(4):  # traffic between samples: the rates get lines
+            for _ in range(3):
+                assert engine.ask("match", ns=ns, ids=ids)["blocks"] == 5
+            if r == 1:
+                assert kv("purge", "--config", engine.config, "--namespace", "tenant-b")[0] == 0
+            engine.ask("flush")  # persists the engine's counters, as it does every few seconds
+            seen = browser.run("return state.rows.length")
+            wait_for_samples(browser, seen + 1)
+        page = browser.run("""
+            const tiles = Object.fromEntries([...document.querySelectorAll('#tiles .tile')]
+                .map(t => [t.id, t.querySelector('.value').textContent]));
+            const lines = id => [...document.querySelectorAll(id + ' path.line')]
+                .filter(p => p.getAttribute('d').startsWith('M')).map(p => p.dataset.series);
+            return {errors: window.__errors, tiles, note: document.getElementById('note').textContent,
+                    hit: lines('#chart-hit-rate'), occupancy: lines('#chart-occupancy'),
+                    throughput: lines('#chart-throughput'), evictions: lines('#chart-evictions'),
+                    latency: lines('#chart-latency')};""")
+        shot = browser.screenshot(tmp_path / "dashboard.png", full_page=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read()
+    code, stats, _ = kv("stats", "--config", engine.config, "--json")
+    c = stats["counters"]
+    assert page["errors"] == []
+    assert set(page["tiles"]) >= {"hit-rate", "tier-disk", "requests", "evictions", "dropped", "corrupt"}
+    assert "—" not in page["tiles"].values(), page["tiles"]
+    assert page["tiles"]["requests"] == str(int(c["requests"]))
+    assert page["tiles"]["evictions"] == str(int(c["evictions_total"])) != "0"
+    assert page["hit"] and page["occupancy"] == ["disk"] and "load disk" in page["throughput"]
+    assert "disk purge" in page["evictions"]
+    assert page["latency"] == [] and "latency lives in the engine process" in page["note"]
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[1] > 1000
