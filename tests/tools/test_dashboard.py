@@ -125,6 +125,9 @@ def test_dashboard_of_serve_metrics_on_a_store_an_engine_fills(browser, engine, 
             engine.ask("flush")  # persists the engine's counters, as it does every few seconds
             seen = browser.run("return state.rows.length")
             wait_for_samples(browser, seen + 1)
+        # One more sample, begun after the last flush had persisted the counters (the one
+        # above may have been under way while it ran).
+        wait_for_samples(browser, browser.run("return state.rows.length") + 1)
         page = browser.run("""
             const tiles = Object.fromEntries([...document.querySelectorAll('#tiles .tile')]
                 .map(t => [t.id, t.querySelector('.value').textContent]));
