@@ -203,11 +203,11 @@ def test_first_party_dependencies(package, allowed):
         assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
 
 
-def test_tools_use_engine_adapters_only_in_benchmarks():
-    """tools -> kvstore; a benchmark runs a real engine, so it may import the adapters."""
+def test_tools_use_engine_adapters_only_in_benchmarks_and_demos():
+    """tools -> kvstore; a benchmark or a demo runs a real engine, so it may import the adapters."""
     for f in files("tools"):
         if {m.split(".")[0] for m in first_party_imports(f)} & {"engine_adapter"}:
-            assert f.stem.startswith("bench"), f"{f.relative_to(ROOT)} imports engine_adapter"
+            assert f.stem.startswith(("bench", "demo")), f"{f.relative_to(ROOT)} imports engine_adapter"
 
 
 def test_the_model_modules_each_do_one_job():

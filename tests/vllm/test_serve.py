@@ -1,6 +1,7 @@
 """`vllm serve` with KVStoreConnector, asked by the real `openai` client: after a restart of the
 server, `cached_tokens` is the 64-aligned prefix the prompt shares with what the first server
-stored, and the output is what the first server gave (greedy)."""
+stored, and the output is what the first server gave (greedy); one scrape of vllm serve's own
+/metrics shows the connector's counters."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def smollm2_dir() -> Path:
     if not (path / "config.json").is_file():
         model_files.load_default_model(torch.float32)
     return path
+
+
+def prom(text: str, name: str) -> float:
+    """The sum of a metric's samples over its labels in a Prometheus text scrape."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 class VllmServe:
@@ -104,9 +111,20 @@ def test_vllm_serve_cached_tokens_after_a_restart(tmp_path, smollm2_dir):
         cold = ask(s, first)
     with VllmServe(smollm2_dir, tmp_path / "kv", log) as s:
         again, other = ask(s, first), ask(s, second)
+        # One scrape of vllm serve's own endpoint shows the connector's counters.
+        loaded = again.usage.prompt_tokens_details.cached_tokens + other.usage.prompt_tokens_details.cached_tokens
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            if prom(text, "vllm:kvstore_loaded_tokens_total") >= loaded or time.monotonic() > deadline:
+                break
+            time.sleep(1)
     assert cold.usage.prompt_tokens == len(ids[0]) and cold.usage.prompt_tokens_details.cached_tokens == 0
     # The same prompt: every full block but the one holding its last token (vLLM computes that).
     assert again.usage.prompt_tokens_details.cached_tokens == (len(ids[0]) - 1) // BT * BT
     assert again.choices[0].message.content == cold.choices[0].message.content
     # Another question on the same document: the aligned common prefix.
     assert other.usage.prompt_tokens_details.cached_tokens == common // BT * BT
+    assert prom(text, "vllm:kvstore_loaded_tokens_total") == loaded
+    assert prom(text, "vllm:kvstore_loads_total") == 2 and prom(text, "vllm:kvstore_load_failed_blocks_total") == 0
