@@ -242,3 +242,9 @@ def test_the_store_names_no_concrete_tier():
     assert tier_imports == ["tiers.base"]
     names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert not names & {"disk", "host", "device"}, "store.py names a tier"
+
+
+def test_the_datapath_benchmark_measures_through_the_public_api_only():
+    """tools/bench_datapath.py times what a user gets: KVStore and its config, no tier class."""
+    mods = first_party_imports(ROOT / "tools" / "bench_datapath.py")
+    assert {m for m in mods if m.startswith("kvstore")} <= {"kvstore", "kvstore.codec"}, mods
