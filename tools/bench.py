@@ -108,7 +108,7 @@ def bench_host(blocks: list[torch.Tensor]) -> dict:
 def bench_disk(blocks: list[torch.Tensor], workdir: Path, level: int = 1) -> dict:
     n, nbytes = len(blocks), blocks[0].numel() * blocks[0].element_size()
     total = n * nbytes
-    codec = Codec("zstd", level, True)
+    codec = Codec("zstd-hi", level, True)  # what a new store writes
     keys_ = [i.to_bytes(16, "little") for i in range(n)]
     # kvstore disk tier: encode + durable LMDB commit, 64 blocks a transaction
     tdir = workdir / "tier"
