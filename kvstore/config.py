@@ -32,7 +32,7 @@ _SIZE_UNITS = {
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
-COMPRESSIONS = ("zstd", "none")
+COMPRESSIONS = ("zstd-hi", "zstd", "none")
 DTYPES = tuple(_TORCH_DTYPES)
 ENV_PREFIX = "KVSTORE_"
 # Settings stored with the data when a store is created (settings.py says how an opener's value
@@ -40,7 +40,7 @@ ENV_PREFIX = "KVSTORE_"
 # this default for a new store.
 STORED_DEFAULTS: dict[str, Any] = {
     "block_tokens": 64, "disk_bytes": 16 << 30, "disk_ttl_s": 86400.0,
-    "compression": "zstd", "zstd_level": 1, "byte_split": True,
+    "compression": "zstd-hi", "zstd_level": 1, "byte_split": True,
 }
 
 
@@ -167,7 +167,10 @@ class StoreConfig:
             is dropped and counted, so ``put`` never waits for disk I/O.
         io_threads: background threads that compress, write and load (zstd and LMDB release
             the GIL, so 2 use both cores of a small machine).
-        compression: ``"zstd"`` or ``"none"`` for disk records.
+        compression: disk records: ``"zstd-hi"`` (the default: zstd on the high byte planes
+            only, the low ones raw, on ``io_threads`` zstd threads a block), ``"zstd"`` (zstd on
+            every plane, the version-1 format of stores created before) or ``"none"``. Chosen
+            when a store is created and stored with its settings; every format is read.
         zstd_level: zstd level (1 is the measured sweet spot: higher levels gain nothing on KV).
         byte_split: split 16/32-bit values into byte planes before compressing.
         remote_url: the shared remote tier's server (``redis://``, ``rediss://``, ``unix://``,

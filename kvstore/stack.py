@@ -59,11 +59,11 @@ def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) ->
             tiers.append(SlabTier("host", config.host_bytes, config.host_ttl_s, device="cpu",
                                   metrics=metrics))
     if env is not None:
-        codec = Codec(config.compression, config.zstd_level, config.byte_split)
+        codec = Codec(config.compression, config.zstd_level, config.byte_split, config.io_threads)
         tiers.append(DiskTier(None, config.disk_bytes, config.disk_ttl_s, codec, metrics, env=env))
     if config.remote_url:  # read-only too: tools show and purge what the fleet shares
         from .tiers.remote import RemoteTier  # only a store with a remote tier imports the client
-        codec = Codec(config.compression, config.zstd_level, config.byte_split)
+        codec = Codec(config.compression, config.zstd_level, config.byte_split, config.io_threads)
         tiers.append(RemoteTier(config.remote_url, config.remote_ttl_s, config.remote_timeout_s,
                                 codec, metrics, encode_threads=config.io_threads))
     return Stack(config, tiers, ledger)

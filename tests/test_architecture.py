@@ -260,3 +260,9 @@ def test_the_vllm_connector_modules_depend_one_way():
         if f.name != "vllm_connector.py":
             assert not first_party_imports(f) & {"engine_adapter.vllm_transfer",
                                                  "engine_adapter.vllm_stats"}, f.relative_to(ROOT)
+
+
+def test_the_datapath_benchmark_measures_through_the_public_api_only():
+    """tools/bench_datapath.py times what a user gets: KVStore and its config, no tier class."""
+    mods = first_party_imports(ROOT / "tools" / "bench_datapath.py")
+    assert {m for m in mods if m.startswith("kvstore")} <= {"kvstore", "kvstore.codec"}, mods

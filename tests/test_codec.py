@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import msgpack
 import pytest
 import torch
@@ -11,7 +13,9 @@ from .conftest import examples
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int8, torch.uint8]
-CODECS = [Codec("zstd", 1, True), Codec("zstd", 3, False), Codec("none", 1, True)]
+CODECS = [Codec("zstd-hi", 1, True, threads=2, chunk=1000), Codec("zstd-hi", 1, False, threads=1),
+          Codec("zstd", 1, True), Codec("zstd", 3, False), Codec("none", 1, True)]
+DATA = Path(__file__).parent / "data"
 
 
 def sample(dtype, shape=(3, 2, 5, 16, 8), seed=0):
@@ -27,7 +31,7 @@ def bits(t):
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=["zstd-split", "zstd3-plain", "raw"])
+@pytest.mark.parametrize("codec", CODECS, ids=["hi-chunked", "hi-plain", "zstd-split", "zstd3-plain", "raw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_round_trip_is_bit_exact(codec, dtype):
     x = sample(dtype)
@@ -49,6 +53,34 @@ def test_byte_split_compresses_kv_like_bf16_better():
     x = (torch.randn(30, 2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.3).to(torch.bfloat16)
     split, plain = len(Codec("zstd", 1, True).encode(x)), len(Codec("zstd", 1, False).encode(x))
     assert split < plain < x.numel() * 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "int8"])
+@pytest.mark.parametrize("comp", ["zstd", "none"])
+def test_records_written_by_the_version_1_encoder_are_still_read(dtype, comp):
+    """tests/data holds records the version-1 encoder wrote (before "zstd-hi"), and their tensors."""
+    rec = (DATA / f"codec_v1_{dtype}_{comp}.rec").read_bytes()
+    want = torch.load(DATA / f"codec_v1_{dtype}.pt")
+    assert Codec.read_header(rec)["v"] == 1
+    for codec in (Codec(), Codec("zstd-hi", threads=1), Codec("none")):  # whatever a store writes
+        assert torch.equal(bits(codec.decode(rec)), bits(want))
+
+
+def test_zstd_hi_stores_the_low_planes_raw_and_compresses_the_high_ones():
+    """Version 2: the mantissa planes are raw, the sign/exponent planes zstd chunks; the
+    record still compresses KV-like bf16 about as well as zstd on every plane."""
+    x = (torch.randn(30, 2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.3).to(torch.bfloat16)
+    rec = Codec("zstd-hi", chunk=4096).encode(x)
+    h = Codec.read_header(rec)
+    per = x.numel()
+    assert h["v"] == 2 and h["raw"] == [0] and h["planes"] == 2 and len(h["ch"]) == -(-per // 4096)
+    low = bits(x).reshape(-1, 2)[:, 0].numpy().tobytes()
+    assert rec[h["offset"]:h["offset"] + per] == low  # the raw plane, byte for byte
+    assert sum(h["ch"]) < per * 0.7  # the high plane compresses
+    assert len(rec) <= len(Codec("zstd", 1, True).encode(x)) * 1.02
+    f32 = Codec.read_header(Codec().encode(sample(torch.float32)))
+    assert f32["raw"] == [0, 1] and f32["planes"] == 4
+    assert Codec.read_header(Codec().encode(sample(torch.int8)))["raw"] == []
 
 
 def test_header_describes_the_record():
@@ -80,7 +112,7 @@ def _with_header(header: dict, payload: bytes) -> bytes:
     return MAGIC + len(raw).to_bytes(2, "little") + xxhash.xxh32_intdigest(raw).to_bytes(4, "little") + raw + payload
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=["zstd-split", "zstd3-plain", "raw"])
+@pytest.mark.parametrize("codec", CODECS, ids=["hi-chunked", "hi-plain", "zstd-split", "zstd3-plain", "raw"])
 def test_damaged_records_raise_corrupt_entry_error(codec):
     rec = codec.encode(sample(torch.bfloat16))
     for what, bad in _corruptions(rec):

@@ -36,7 +36,7 @@ def test_durations(text, expect):
     ("disk_ttl_s", "forever", "disk_ttl_s: expected a duration"),
     ("block_tokens", 0, "block_tokens: expected an integer in [1"),
     ("block_tokens", 6.5, "block_tokens"),
-    ("compression", "lz4", "compression: expected one of zstd, none"),
+    ("compression", "lz4", "compression: expected one of zstd-hi, zstd, none"),
     ("zstd_level", 40, "zstd_level"),
     ("dtype", "float64", "dtype: expected one of"),
     ("block_shape", "a,b", "block_shape"),

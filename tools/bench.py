@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tools.bench {tiers,pipeline,ttft,vllm,remote} [--json] [--quick]``.
+"""Benchmarks: ``python -m tools.bench {tiers,datapath,pipeline,ttft,vllm,remote} [--json] [--quick]``.
 
 Every figure is printed beside the machine's own limit measured in the same run (numpy copies
 into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
@@ -28,7 +28,7 @@ from kvstore.tiers.base import BlockEntry
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.slab import SlabTier
 
-from . import bench_remote, bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
+from . import bench_datapath, bench_remote, bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
 from .timing import best
 
 MiB = 1 << 20
@@ -108,7 +108,7 @@ def bench_host(blocks: list[torch.Tensor]) -> dict:
 def bench_disk(blocks: list[torch.Tensor], workdir: Path, level: int = 1) -> dict:
     n, nbytes = len(blocks), blocks[0].numel() * blocks[0].element_size()
     total = n * nbytes
-    codec = Codec("zstd", level, True)
+    codec = Codec("zstd-hi", level, True)  # what a new store writes
     keys_ = [i.to_bytes(16, "little") for i in range(n)]
     # kvstore disk tier: encode + durable LMDB commit, 64 blocks a transaction
     tdir = workdir / "tier"
@@ -403,7 +403,18 @@ def print_vllm(r: dict) -> None:
     bench_vllm.show(r)
 
 
-COMMANDS = {"tiers": (cmd_tiers, print_tiers), "ttft": (cmd_ttft, print_ttft),
+def cmd_datapath(args) -> dict:
+    n_small = 8 if args.quick else 128
+    n_big = 3 if args.quick else 32
+    print(f"computing real KV of SmolLM2-135M ({n_small} blocks of 64 tokens)...", file=sys.stderr)
+    kv = real_kv(torch.float32, n_small)
+    bf16 = [b.to(torch.bfloat16) for b in kv]
+    sets = {"smollm2_bf16_1.4MiB": bf16, "bf16_8MiB": big_blocks(bf16, 8 * MiB, n_big)}
+    return bench_datapath.run(sets, [b.to(torch.float16) for b in kv], args.workdir,
+                              drop_page_cache)
+
+
+COMMANDS = {"tiers": (cmd_tiers, print_tiers), "datapath": (cmd_datapath, bench_datapath.show), "ttft": (cmd_ttft, print_ttft),
             "pipeline": (cmd_pipeline, print_pipeline), "vllm": (cmd_vllm, print_vllm),
             "remote": (cmd_remote, bench_remote.show)}
 

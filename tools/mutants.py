@@ -69,6 +69,16 @@ MUTATIONS = (
          ("kvstore/codec.py", 'if xxhash.xxh3_64_digest(dst) != h["xxh"]:', "if False:")),
         ("tests/test_codec.py",), keyword="damaged or single_byte_flip"),
     Mutation(
+        "v1_records_unread",
+        "records written by the version-1 encoder are still read",
+        (("kvstore/codec.py", "READ_VERSIONS = (1, 2)", "READ_VERSIONS = (2,)"),),
+        ("tests/test_codec.py",), keyword="version_1_encoder"),
+    Mutation(
+        "low_planes_compressed",
+        "format 2 stores the low (mantissa) byte planes raw",
+        (("kvstore/codec.py", "raw_planes = list(range(planes // 2))", "raw_planes = []"),),
+        ("tests/test_codec.py",), keyword="low_planes_raw"),
+    Mutation(
         "eviction_parent_before_child",
         "a parent block is never evicted before its children",
         (("kvstore/eviction.py", "_RANK.pack(int(last_access * 1_000_000), _MAX_DEPTH - depth)",

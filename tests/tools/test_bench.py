@@ -44,3 +44,26 @@ def test_remote_benchmark_quick_run_reports_ratios_of_its_own_figures(tmp_path):
     assert r["match_round_trips"] == 1 and r["blocks"] == 16
     # The server holds compressed records: fewer bytes than the raw blocks plus key overhead.
     assert 0 < r["stored_bytes_on_server"] < r["blocks"] * r["block_bytes"] * 1.05
+
+
+@pytest.mark.engine
+@pytest.mark.heavy
+def test_datapath_benchmark_quick_run_prints_each_figure_beside_its_limit(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "datapath", "--quick", "--json",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    pairs = {"store_vs_files": ("store_GBps", "raw_files_write_GBps"),
+             "store_vs_lmdb": ("store_GBps", "raw_lmdb_put_GBps"),
+             "cold_load": ("cold_load_GBps", "raw_cold_read_GBps"),
+             "warm_load": ("warm_load_GBps", "raw_warm_read_GBps")}
+    for name in ("smollm2_bf16_1.4MiB", "bf16_8MiB"):
+        d = r["sets"][name]
+        for ratio, (fig, limit) in pairs.items():  # each ratio is the quotient of its own figures
+            assert d[ratio] == pytest.approx(d[fig] / d[limit], rel=1e-6), ratio
+            assert 0 < d[fig] < 1e3 and 0 < d[limit] < 1e3
+        assert d["cache_drop"] in ("drop_caches", "fadvise")
+    # bytes on disk as the store counts them: KV compresses (bf16 more than fp16), never grows
+    assert 0 < r["sets"]["smollm2_bf16_1.4MiB"]["bytes_ratio"] < r["fp16_bytes_ratio"] < 1.0
+    assert set(r["targets"]) == {"store_vs_files", "store_vs_lmdb", "cold_load", "warm_load",
+                                 "bytes_bf16", "bytes_fp16"}

@@ -95,7 +95,7 @@ def test_short_namespace_ids_are_printed_and_accepted(shared_engine, kv):
 def test_version(kv):
     from importlib.metadata import version
     code, out, _ = kv("--version")
-    assert code == 0 and out.startswith(f"kvstore {version('kvstore')} (record format 1, disk format 1)")
+    assert code == 0 and out.startswith(f"kvstore {version('kvstore')} (record format 2, disk format 1)")
 
 
 def test_inspect_shows_header_verdict_and_chain(shared_engine, kv):
@@ -103,7 +103,7 @@ def test_inspect_shows_header_verdict_and_chain(shared_engine, kv):
     code, data, _ = kv("inspect", main[3].hex()[:10], "--config", shared_engine.config, "--json")
     assert code == 0 and data["key"] == main[3].hex()
     assert data["checksum"] == "ok" and data["header"]["dtype"] == "bfloat16"
-    assert data["header"]["shape"] == [2, 2, 2, B, 4] and data["header"]["codec"] == "zstd"
+    assert data["header"]["shape"] == [2, 2, 2, B, 4] and data["header"]["codec"] == "zstd-hi"
     assert data["depth"] == 3 and data["tokens"] == f"{3 * B}-{4 * B - 1}"
     assert [a["key"] for a in data["ancestors"]] == [k.hex() for k in reversed(main[:3])]
     assert data["children"] == [main[4].hex()]

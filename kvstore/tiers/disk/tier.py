@@ -332,20 +332,24 @@ class DiskTier:
                 self._pending[key] = now
 
     def flush(self) -> None:
-        """Writes pending last-access times (one write transaction)."""
+        """Writes pending last-access times (one write transaction), then syncs every commit so
+        far to the disk: what was committed before ``flush`` survives an OS crash. An I/O fault
+        is counted, never raised."""
         if self.readonly:
             return
         with self._lock:
             self.env.check_pid()
-            if not self._pending:
-                return
             touches = dict(self._pending)
 
             def txn_fn(txn):
                 self._apply_touches(txn, touches)
                 return True
-            if self._locked_write(txn_fn, False):
+            if touches and self._locked_write(txn_fn, False):
                 self._forget_touches(touches)
+            try:
+                self.env.sync()
+            except (LMDBError, OSError):
+                self.metrics.add("io_errors", tier=self.name)
 
     def pin_many(self, keys: Sequence[bytes], until: float) -> int:
         def txn_fn(txn):
