@@ -299,18 +299,23 @@ def bench_pipeline(blocks: list[torch.Tensor], workdir: Path) -> dict:
 
 
 # -- commands ---------------------------------------------------------------------------------
-def cmd_tiers(args) -> dict:
-    n_small = 16 if args.quick else 64
-    n_big = 4 if args.quick else 24
+def _block_sets(n_small: int, n_big: int) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Real SmolLM2 KV (float32, ``n_small`` blocks) and the two bf16 sets the disk benchmarks
+    measure: its 1.4 MiB blocks, and ``n_big`` 8 MiB blocks built from them."""
     print(f"computing real KV of SmolLM2-135M ({n_small} blocks of 64 tokens)...", file=sys.stderr)
     kv = real_kv(torch.float32, n_small)
     bf16 = [b.to(torch.bfloat16) for b in kv]
+    return kv, {"smollm2_bf16_1.4MiB": bf16, "bf16_8MiB": big_blocks(bf16, 8 * MiB, n_big)}
+
+
+def cmd_tiers(args) -> dict:
+    kv, sets = _block_sets(16 if args.quick else 64, 4 if args.quick else 24)
+    bf16 = sets["smollm2_bf16_1.4MiB"]
     fp16 = [b.to(torch.float16) for b in kv]
     results: dict = {"machine": {"cores": os.cpu_count()}}
     base = Path(args.workdir or tempfile.mkdtemp(prefix="kvstore-bench-"))
     with tempfile.TemporaryDirectory(dir=base) as wd:
         wd = Path(wd)
-        sets = {"smollm2_bf16_1.4MiB": bf16, "bf16_8MiB": big_blocks(bf16, 8 * MiB, n_big)}
         for name, blocks in sets.items():
             print(f"[{name}] host tier...", file=sys.stderr)
             results.setdefault("host", {})[name] = bench_host(blocks)
@@ -404,12 +409,7 @@ def print_vllm(r: dict) -> None:
 
 
 def cmd_datapath(args) -> dict:
-    n_small = 8 if args.quick else 128
-    n_big = 3 if args.quick else 32
-    print(f"computing real KV of SmolLM2-135M ({n_small} blocks of 64 tokens)...", file=sys.stderr)
-    kv = real_kv(torch.float32, n_small)
-    bf16 = [b.to(torch.bfloat16) for b in kv]
-    sets = {"smollm2_bf16_1.4MiB": bf16, "bf16_8MiB": big_blocks(bf16, 8 * MiB, n_big)}
+    kv, sets = _block_sets(8 if args.quick else 128, 3 if args.quick else 32)
     return bench_datapath.run(sets, [b.to(torch.float16) for b in kv], args.workdir,
                               drop_page_cache)
 
