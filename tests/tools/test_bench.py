@@ -7,13 +7,18 @@ import sys
 import pytest
 
 
+def quick_run(command: str, *args: str) -> dict:
+    """``python -m tools.bench COMMAND --quick --json ARGS``: its exit status 0 and its JSON."""
+    out = subprocess.run([sys.executable, "-m", "tools.bench", command, "--quick", "--json", *args],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
 @pytest.mark.engine
 @pytest.mark.heavy
 def test_tiers_benchmark_quick_run_reports_every_figure(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tools.bench", "tiers", "--quick", "--json",
-                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
+    r = quick_run("tiers", "--workdir", str(tmp_path))
     for name in ("smollm2_bf16_1.4MiB", "bf16_8MiB"):
         h, d = r["host"][name], r["disk"][name]
         # Each ratio is the quotient of the figures printed beside it (a wrong formula, or a
@@ -34,10 +39,7 @@ def test_tiers_benchmark_quick_run_reports_every_figure(tmp_path):
 @pytest.mark.engine
 @pytest.mark.heavy
 def test_remote_benchmark_quick_run_reports_ratios_of_its_own_figures(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tools.bench", "remote", "--quick", "--json"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
+    r = quick_run("remote")
     assert r["store_ratio"] == pytest.approx(r["store_GBps"] / r["raw_set_GBps"], rel=1e-6)
     assert r["load_ratio"] == pytest.approx(r["load_GBps"] / r["raw_get_GBps"], rel=1e-6)
     assert r["breaker_added_ms"] == pytest.approx(r["match_ms_breaker_open"] - r["match_ms_no_remote"])
@@ -49,10 +51,7 @@ def test_remote_benchmark_quick_run_reports_ratios_of_its_own_figures(tmp_path):
 @pytest.mark.engine
 @pytest.mark.heavy
 def test_datapath_benchmark_quick_run_prints_each_figure_beside_its_limit(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tools.bench", "datapath", "--quick", "--json",
-                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
+    r = quick_run("datapath", "--workdir", str(tmp_path))
     pairs = {"store_vs_files": ("store_GBps", "raw_files_write_GBps"),
              "store_vs_lmdb": ("store_GBps", "raw_lmdb_put_GBps"),
              "cold_load": ("cold_load_GBps", "raw_cold_read_GBps"),
