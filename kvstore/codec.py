@@ -14,7 +14,9 @@ Two record formats, both read:
   redundancy of KV is) is compressed, in chunks of CHUNK bytes that zstd (de)compresses on
   ``threads`` threads outside the GIL; the low planes (mantissa, close to random) are stored raw
   and copied at memory speed, straight from the record into the destination tensor. The header
-  lists which planes are raw and each chunk's compressed length.
+  lists which planes are raw and each chunk's compressed length. Decoding is chunk by chunk:
+  a chunk's planes are decompressed into a cached scratch and joined into the destination
+  with shifts on whole elements, so the destination is written once.
 
 A Codec is a swappable object (the disk tier takes one); it is thread-safe, keeping one
 compressor and one scratch buffer per thread.
@@ -40,6 +42,12 @@ READ_VERSIONS = (1, 2)
 CODECS = ("zstd-hi", "zstd", "none")
 CHUNK = 256 << 10  # bytes of a plane per zstd frame: several frames a block, for the threads
 MAGIC = b"KVSR"
+# zstd level 1 for the sign/exponent planes: their redundancy is in the byte distribution (the
+# Huffman stage), not in repeats, so a tiny match table (64 entries, matches of 7+ bytes) loses
+# nothing. Measured on real bf16 KV in 256 KiB chunks: 0.377x vs 0.404x of the plane, compress
+# 2.5x and decompress 1.3x faster than zstd's own level 1. The frames are plain zstd frames.
+_PLANE_PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=18, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0, strategy=1)
 _PREFIX = struct.Struct("<4sHI")
 
 class _Dtypes(Mapping):
@@ -92,6 +100,36 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # little-endian: plane i is byte i in memory
+
+
+def _split_planes(raw: np.ndarray, split: np.ndarray) -> None:
+    """``split[i]`` = byte ``i`` of every element of ``raw`` (``split.shape[0]`` bytes each).
+
+    Shifts on whole elements: 4x faster here than strided byte copies (6.2 vs 1.5 GB/s)."""
+    planes = split.shape[0]
+    if planes == 1:
+        split[0] = raw
+        return
+    u = raw.view(_UINT[planes])
+    for i in range(planes):  # the cast to uint8 keeps the low byte of each shifted element
+        np.right_shift(u, 8 * i, out=split[i], casting="unsafe")
+
+
+def _join_planes(parts: list[np.ndarray], out: np.ndarray) -> None:
+    """The inverse of ``_split_planes``: ``out`` (bytes) from its byte planes ``parts``.
+
+    Shift-or on whole elements: 2x faster here than strided byte copies (4.6 vs 2.3 GB/s)."""
+    if len(parts) == 1:
+        out[:] = parts[0]
+        return
+    o = out.view(_UINT[len(parts)])
+    np.left_shift(parts[-1], 8 * (len(parts) - 1), out=o, dtype=o.dtype)
+    for i in range(len(parts) - 2, 0, -1):
+        np.bitwise_or(o, np.left_shift(parts[i], 8 * i, dtype=o.dtype), out=o)
+    np.bitwise_or(o, parts[0], out=o)
+
+
 class Codec:
     """Encodes KV blocks into records and back.
 
@@ -100,7 +138,9 @@ class Codec:
             (version 1: zstd on the whole block) or ``"none"``.
         level: zstd level.
         byte_split: split 16/32-bit values into byte planes before compressing.
-        threads: zstd threads per block for ``"zstd-hi"`` (1: on the calling thread).
+        threads: zstd threads per block when ``"zstd-hi"`` encodes (1: on the calling
+            thread). Decoding runs on the calling thread, chunk by chunk: the store decodes
+            blocks in parallel, and zstd's own threads were measured to halve the speed here.
         chunk: bytes of a plane per zstd frame for ``"zstd-hi"`` (recorded in each record).
     """
 
@@ -120,7 +160,11 @@ class Codec:
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "cctx", None)
         if c is None:
-            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+            if self.compression == "zstd-hi" and self.level == 1:
+                c = zstandard.ZstdCompressor(compression_params=_PLANE_PARAMS)
+            else:
+                c = zstandard.ZstdCompressor(level=self.level)
+            self._local.cctx = c
         return c
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
@@ -148,9 +192,8 @@ class Codec:
         if self.compression == "zstd-hi":
             return self._encode_v2(name, block, raw, planes)
         if planes > 1:
-            split = self._scratch(raw.nbytes)
-            np.copyto(split.reshape(planes, -1), raw.reshape(-1, planes).T)
-            body = split
+            body = self._scratch(raw.nbytes)
+            _split_planes(raw, body.reshape(planes, -1))
         else:
             body = raw
         if self.compression == "zstd":
@@ -173,10 +216,8 @@ class Codec:
 
     def _encode_v2(self, name: str, block: torch.Tensor, raw: np.ndarray, planes: int) -> bytes:
         per = raw.nbytes // planes
-        rows = raw.reshape(-1, planes)
         split = self._scratch(raw.nbytes).reshape(planes, per)
-        for i in range(planes):  # per-plane strided copies (3.3 GB/s; one .T copy runs 0.5)
-            split[i] = rows[:, i]
+        _split_planes(raw, split)
         raw_planes = list(range(planes // 2))  # the low (mantissa) half; none for 1-byte dtypes
         cs = self.chunk
         chunks = [memoryview(split[i, a:a + cs]) for i in range(planes) if i not in raw_planes
@@ -287,45 +328,32 @@ class Codec:
         return out
 
     def _decode_v2(self, h: dict, payload: memoryview, dst: np.ndarray) -> None:
-        """Raw planes are copied from the record straight into ``dst``; each chunk of the
-        others is decompressed (on ``threads`` threads) and copied into its rows."""
+        """Chunk by chunk: the compressed planes' chunks are decompressed into a per-thread
+        scratch, then joined with the same rows of the raw planes (read straight from the
+        record) into ``dst``, which is written once, while the chunk is still in cache."""
         n, planes, raw, cs, ch = h["n"], h["planes"], h["raw"], h["cs"], h["ch"]
         per = n // planes
-        rows = dst.reshape(-1, planes)
-        off = 0
-        for i in raw:
-            if off + per > len(payload):
-                raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
-            rows[:, i] = np.frombuffer(payload, dtype=np.uint8, count=per, offset=off)
-            off += per
-        if off + sum(ch) != len(payload):
+        if len(raw) * per + sum(ch) != len(payload):
             raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
-        frames = []
-        for c in ch:
-            frames.append(payload[off:off + c])
-            off += c
-        sizes = [min(cs, per - a) for a in range(0, per, cs)] * (planes - len(raw))
-        try:
-            parts = self._decompress_chunks(frames, sizes)
-        except zstandard.ZstdError as e:
-            raise CorruptEntryError(f"damaged payload: {e}") from None
-        k = 0
-        for i in (i for i in range(planes) if i not in raw):
-            for a in range(0, per, cs):
-                part = np.frombuffer(parts[k], dtype=np.uint8)
-                if part.nbytes != sizes[k]:
+        raws = {i: np.frombuffer(payload, dtype=np.uint8, count=per, offset=j * per)
+                for j, i in enumerate(raw)}
+        packed = [i for i in range(planes) if i not in raws]
+        ends = np.cumsum([len(raw) * per, *ch]).tolist()
+        frames = [payload[x:y] for x, y in zip(ends, ends[1:])]  # plane by plane, chunk by chunk
+        nchunks = -(-per // cs)
+        scratch = self._scratch(len(packed) * min(cs, per)).reshape(len(packed), -1)
+        for c in range(nchunks):
+            a, b = c * cs, min(per, c * cs + cs)
+            parts = {i: p[a:b] for i, p in raws.items()}
+            for j, i in enumerate(packed):
+                parts[i] = out = scratch[j, :b - a]
+                try:
+                    got = self._decompress_into(frames[j * nchunks + c], out)
+                except zstandard.ZstdError as e:
+                    raise CorruptEntryError(f"damaged payload: {e}") from None
+                if got != b - a:
                     raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
-                rows[a:a + part.nbytes, i] = part
-                k += 1
-
-    def _decompress_chunks(self, frames: list[memoryview], sizes: list[int]) -> list:
-        d = self._decompressor()
-        if self.threads > 1 and len(frames) > 1:
-            got = d.multi_decompress_to_buffer(
-                frames, decompressed_sizes=struct.pack(f"<{len(sizes)}Q", *sizes),
-                threads=self.threads)
-            return [got[i] for i in range(len(got))]
-        return [d.decompress(f, max_output_size=s) for f, s in zip(frames, sizes)]
+            _join_planes([parts[i] for i in range(planes)], dst[a * planes:b * planes])
 
     def _decode_v1(self, h: dict, payload: memoryview, dst: np.ndarray) -> None:
         n, planes = h["n"], h["planes"]
@@ -343,10 +371,7 @@ class Codec:
         if got != n:
             raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
         if planes > 1:
-            rows = dst.reshape(-1, planes)
-            split = body.reshape(planes, -1)
-            for i in range(planes):  # per-plane strided copies: 3.3 GB/s vs 0.5 for one .T copy
-                rows[:, i] = split[i]
+            _join_planes(list(body.reshape(planes, -1)), dst)
 
     def _decompress_into(self, payload: memoryview, body: np.ndarray) -> int:
         """Decompresses one frame straight into ``body``; returns the bytes written, -1 on excess."""

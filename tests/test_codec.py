@@ -66,6 +66,17 @@ def test_records_written_by_the_version_1_encoder_are_still_read(dtype, comp):
         assert torch.equal(bits(codec.decode(rec)), bits(want))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "int8"])
+def test_records_written_by_the_first_version_2_encoder_are_still_read(dtype):
+    """tests/data holds version-2 records (1000-byte chunks) written by the first "zstd-hi"
+    encoder (strided plane copies, zstd's own level 1): the current decoder reads them."""
+    rec = (DATA / f"codec_v2_{dtype}.rec").read_bytes()
+    want = torch.load(DATA / f"codec_v2_{dtype}.pt")
+    assert Codec.read_header(rec)["v"] == 2 and len(Codec.read_header(rec)["ch"]) > 1
+    for codec in (Codec(), Codec("zstd-hi", threads=1), Codec("none")):
+        assert torch.equal(bits(codec.decode(rec)), bits(want))
+
+
 def test_zstd_hi_stores_the_low_planes_raw_and_compresses_the_high_ones():
     """Version 2: the mantissa planes are raw, the sign/exponent planes zstd chunks; the
     record still compresses KV-like bf16 about as well as zstd on every plane."""
