@@ -23,6 +23,7 @@ from ...lazy_torch import torch
 from ...metrics import Metrics
 from ..base import BlockEntry, Evicted, EvictCallback, TierUsage
 from .env import NO_SPACE, LMDBEnv, LMDBError
+from .readahead import address, will_need
 from .removals import RemovalLog
 from .schema import TIMES, TIMES_AT, Schema, Totals, entry_cost, unpack_meta
 
@@ -158,28 +159,32 @@ class DiskTier:
 
     def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
                  now: float | None = None) -> list[bool]:
-        """Decodes each record into ``outs[i]`` (CPU tensors); corrupt ones are removed."""
-        ok: list[bool] = []
+        """Decodes each record into ``outs[i]`` (CPU tensors); corrupt ones are removed.
+
+        The pages of every record of the batch are requested from the kernel first, and the
+        records are then decoded in file order (readahead.py): cold reads run ahead of the
+        decoder instead of faulting each record in as it is decoded."""
+        ok = [False] * len(keys)
         corrupt: list[bytes] = []
         try:
             with self.env.reading() as txn:
-                for key, out in zip(keys, outs):
+                found = []
+                for i, key in enumerate(keys):
                     if now is not None and self._live_meta(txn, key, now) is None:
-                        ok.append(False)
                         continue
                     rec = txn.get(key, db=self._schema.records)
-                    if rec is None:
-                        ok.append(False)
-                        continue
+                    if rec is not None:
+                        found.append((address(rec), i, rec))
+                found.sort(key=lambda f: f[0])
+                will_need(rec for _, _, rec in found)
+                for _, i, rec in found:
                     try:
-                        self.codec.decode(rec, out)  # straight from the map: one copy
-                        ok.append(True)
+                        self.codec.decode(rec, outs[i])  # straight from the map: one copy
+                        ok[i] = True
                     except (CorruptEntryError, ValueError):
-                        corrupt.append(key)
-                        ok.append(False)
+                        corrupt.append(keys[i])
         except READ_FAULTS:
             self.metrics.add("io_errors", tier=self.name)
-            ok += [False] * (len(keys) - len(ok))
         if corrupt:
             self.metrics.add("corrupt_records", len(corrupt), tier=self.name)
             self._delete(corrupt, "corrupt")
