@@ -122,7 +122,10 @@ class WriteBehind:
                 self._cond.wait_for(lambda: self._queue or self._stop)
                 if not self._queue:
                     return  # stopping and drained
-                items = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
+                # A fair share of the queue, so one large put keeps every writer busy (the
+                # first thread awake used to take all of 32 8 MiB blocks and encode them alone).
+                share = -(-len(self._queue) // max(1, self._threads_wanted))
+                items = [self._queue.popleft() for _ in range(min(self.batch, share))]
                 self._inflight += 1
             t0 = time.perf_counter()
             try:
