@@ -1,7 +1,7 @@
 """``python -m tools.bench remote``: the remote tier against a local valkey-server started here.
 
 The limit is measured in the same run with the same client library (redis-py + hiredis, same
-socket settings): pipelined SETs and GETs of the same blocks' uncompressed bytes. Figures:
+socket settings, ``SOCKET_READ_SIZE`` reads): pipelined SETs and GETs of the same blocks' uncompressed bytes. Figures:
 
 - store: ``put`` + ``flush`` of a prompt's blocks into a store whose only tier is the remote one
   (encode + pipelined HSET), as a ratio to the raw SET; target >= 0.9.
@@ -24,6 +24,7 @@ from redis.retry import Retry
 
 from kvstore import KVStore, StoreConfig
 from kvstore.codec import byte_view
+from kvstore.tiers.remote import SOCKET_READ_SIZE
 
 from .timing import best
 from .valkey_server import ValkeyServer
@@ -46,7 +47,8 @@ def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> d
     raws = [byte_view(b.contiguous()).tobytes() for b in blocks]
     with ValkeyServer() as server, tempfile.TemporaryDirectory(prefix="kvstore-bench-remote-") as wd:
         wd = Path(wd)
-        client = redis.Redis(port=server.port, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        client = redis.Redis(port=server.port, socket_timeout=2.0, retry=Retry(NoBackoff(), 0),
+                             socket_read_size=SOCKET_READ_SIZE)
 
         def raw_set():
             p = client.pipeline(transaction=False)

@@ -46,6 +46,13 @@ PREFIX = "kvstore:b:"
 BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts
 TOUCH_EVERY_S = 0.5
 _SCAN_COUNT = 1000
+# Bytes a socket read takes: blocks are megabytes, and redis-py's 64 KiB reads (each one a recv
+# and a copy into the parser) ran the same pipelined GETs 30% slower here.
+SOCKET_READ_SIZE = 1 << 20
+# Raw bytes of blocks per pipeline of a get or put: a batch of a few is decoded (or encoded)
+# while the other io thread's batch is on the wire, instead of every thread receiving all of
+# its blocks first and then all of them decoding at once.
+BATCH_BYTES = 8 << 20
 
 # Raise last access and refresh the expiry, only if the key exists (a touch never creates one).
 _TOUCH = """
@@ -67,6 +74,19 @@ local left = math.ceil(tonumber(ARGV[1]) - tonumber(ARGV[2]))
 if left > redis.call('TTL', KEYS[1]) then redis.call('EXPIRE', KEYS[1], left) end
 return 1
 """
+
+
+def _batches(sizes: Sequence[int], limit: int) -> list[range]:
+    """Consecutive index ranges whose ``sizes`` add up to about ``limit`` (at least one each)."""
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        if acc and acc + n > limit:
+            out.append(range(start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
 
 
 def redact(url: str) -> str:
@@ -163,7 +183,7 @@ class RemoteTier:
     def _connect(self):
         t = self.timeout_s
         common = dict(socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0),
-                      health_check_interval=0)
+                      health_check_interval=0, socket_read_size=SOCKET_READ_SIZE)
         seeds = [u.strip() for u in self.url.split(",")]
         if len(seeds) > 1:
             first = urllib.parse.urlsplit(seeds[0])
@@ -275,8 +295,14 @@ class RemoteTier:
 
     def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
                  now: float | None = None) -> list[bool]:
-        if not keys:
-            return []
+        """Pipelined HMGETs of about BATCH_BYTES each, every batch decoded as it arrives."""
+        ok: list[bool] = []
+        for r in _batches([o.nbytes for o in outs], BATCH_BYTES):
+            ok += self._get_batch([keys[i] for i in r], [outs[i] for i in r], now)
+        return ok
+
+    def _get_batch(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
+                   now: float | None) -> list[bool]:
         try:
             replies = self._run("get", lambda pipe: [pipe.hmget(self._k(k), "a", "p", "r") for k in keys])
         except _Down:
@@ -342,10 +368,15 @@ class RemoteTier:
     # -- writes ------------------------------------------------------------------------------
     def put_many(self, entries: Sequence[BlockEntry], now: float,
                  on_evict: EvictCallback | None = None) -> list[bool]:
-        """Encodes (unless an entry carries its record) and sets every entry in one pipeline;
-        a fault drops the batch (counted)."""
-        if not entries:
-            return []
+        """Encodes (unless an entry carries its record) and sets the entries in pipelines of
+        about BATCH_BYTES each; a fault drops the batch (counted)."""
+        sizes = [e.meta.raw_bytes or (e.block.nbytes if e.block is not None else 0) for e in entries]
+        ok: list[bool] = []
+        for r in _batches(sizes, BATCH_BYTES):
+            ok += self._put_batch([entries[i] for i in r])
+        return ok
+
+    def _put_batch(self, entries: Sequence[BlockEntry]) -> list[bool]:
         todo = [e.block for e in entries if e.record is None]
         # zstd releases the GIL: encode on every core while the pipeline is built.
         encoded = iter(list(self._encoders.map(self.codec.encode, todo)) if len(todo) > 1

@@ -307,6 +307,31 @@ def test_put_never_waits_on_the_server(tmp_path, server):
             tokens = prompt(9, 4)
             a.put(tokens, blocks(9, 4))
             assert errors(a, "timeout") == 0  # put did not wait 3 s on the stalled server
-            wait_until(lambda: errors(a, "timeout") == 1, "the writer's round trip times out")
+            wait_until(lambda: errors(a, "timeout") >= 1, "a writer's round trip times out")
         finally:
             server.resume()
+
+
+def test_batches_larger_than_one_pipeline_arrive_whole_and_in_place(server, monkeypatch):
+    """Gets and puts go in pipelines of about BATCH_BYTES: with a budget of one block a
+    pipeline, every block of a batch (a miss among them) is still stored and loaded exactly."""
+    from kvstore.codec import Codec
+    from kvstore.eviction import EntryMeta
+    from kvstore.tiers import remote
+    from kvstore.tiers.base import BlockEntry
+
+    monkeypatch.setattr(remote, "BATCH_BYTES", block_nbytes())
+    tier = remote.RemoteTier(server.url, 3600.0, 2.0, Codec(), prefix="test:batches:")
+    try:
+        bs = blocks(3, 5)
+        es = [BlockEntry(bytes([i]) * 16, b, EntryMeta(0, i, b"", 1.0, 1.0, b.nbytes)) for i, b in enumerate(bs)]
+        assert tier.put_many(es, 1.0) == [True] * 5
+        rounds = tier.metrics.snapshot()["histograms"]["remote_round_trip_seconds"]
+        assert sum(h["count"] for k, h in rounds.items() if dict(k)["op"] == "put") == 5
+        keys = [es[4].key, es[0].key, b"\xff" * 16, es[2].key, es[1].key, es[3].key]
+        outs = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in keys]
+        assert tier.get_many(keys, outs, None) == [True, True, False, True, True, True]
+        for out, i in zip(outs, [4, 0, None, 2, 1, 3]):
+            assert same(out, bs[i]) if i is not None else not out.any()
+    finally:
+        tier.close()
