@@ -320,17 +320,19 @@ class Codec:
         if xxhash.xxh3_64_digest(payload) != h["pxh"]:
             raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
         if h["v"] == 2:
-            self._decode_v2(h, payload, dst)
+            data_sum = self._decode_v2(h, payload, dst)
         else:
             self._decode_v1(h, payload, dst)
-        if xxhash.xxh3_64_digest(dst) != h["xxh"]:
+            data_sum = xxhash.xxh3_64_digest(dst)
+        if data_sum != h["xxh"]:
             raise CorruptEntryError("checksum mismatch: the record's bytes were altered")
         return out
 
-    def _decode_v2(self, h: dict, payload: memoryview, dst: np.ndarray) -> None:
+    def _decode_v2(self, h: dict, payload: memoryview, dst: np.ndarray) -> bytes:
         """Chunk by chunk: the compressed planes' chunks are decompressed into a per-thread
         scratch, then joined with the same rows of the raw planes (read straight from the
-        record) into ``dst``, which is written once, while the chunk is still in cache."""
+        record) into ``dst``, which is written once and checksummed while still in cache.
+        Returns the xxh3-64 digest of ``dst``."""
         n, planes, raw, cs, ch = h["n"], h["planes"], h["raw"], h["cs"], h["ch"]
         per = n // planes
         if len(raw) * per + sum(ch) != len(payload):
@@ -342,6 +344,7 @@ class Codec:
         frames = [payload[x:y] for x, y in zip(ends, ends[1:])]  # plane by plane, chunk by chunk
         nchunks = -(-per // cs)
         scratch = self._scratch(len(packed) * min(cs, per)).reshape(len(packed), -1)
+        data_sum = xxhash.xxh3_64()
         for c in range(nchunks):
             a, b = c * cs, min(per, c * cs + cs)
             parts = {i: p[a:b] for i, p in raws.items()}
@@ -353,7 +356,10 @@ class Codec:
                     raise CorruptEntryError(f"damaged payload: {e}") from None
                 if got != b - a:
                     raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
-            _join_planes([parts[i] for i in range(planes)], dst[a * planes:b * planes])
+            rows = dst[a * planes:b * planes]
+            _join_planes([parts[i] for i in range(planes)], rows)
+            data_sum.update(rows)
+        return data_sum.digest()
 
     def _decode_v1(self, h: dict, payload: memoryview, dst: np.ndarray) -> None:
         n, planes = h["n"], h["planes"]

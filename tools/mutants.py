@@ -66,7 +66,7 @@ MUTATIONS = (
         "checksum_skipped",
         "a corrupt record is detected (checksums verified on every decode)",
         (("kvstore/codec.py", 'if xxhash.xxh3_64_digest(payload) != h["pxh"]:', "if False:"),
-         ("kvstore/codec.py", 'if xxhash.xxh3_64_digest(dst) != h["xxh"]:', "if False:")),
+         ("kvstore/codec.py", 'if data_sum != h["xxh"]:', "if False:")),
         ("tests/test_codec.py",), keyword="damaged or single_byte_flip"),
     Mutation(
         "v1_records_unread",
