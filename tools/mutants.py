@@ -74,6 +74,12 @@ MUTATIONS = (
         (("kvstore/codec.py", "READ_VERSIONS = (1, 2)", "READ_VERSIONS = (2,)"),),
         ("tests/test_codec.py",), keyword="version_1_encoder"),
     Mutation(
+        "readahead_skipped",
+        "a batch's cold records are requested from the kernel before they are decoded",
+        (("kvstore/tiers/disk/readahead.py", "        _madvise_fn(first, start + n - first, _MADV_WILLNEED)",
+          "        pass"),),
+        ("tests/tiers/test_readahead.py",), keyword="will_need"),
+    Mutation(
         "low_planes_compressed",
         "format 2 stores the low (mantissa) byte planes raw",
         (("kvstore/codec.py", "raw_planes = list(range(planes // 2))", "raw_planes = []"),),
