@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer blocks: a smoke run, not figures")
     p.add_argument("--trace", help="the trace command's JSON-lines trace (default: "
                    "../shared/traces/conversation_trace.jsonl beside the checkout)")
+    p.add_argument("--requests", type=int, help="trace: replay only the first N requests, once")
     p.add_argument("--workdir", help="directory for temporary stores (default: the system temp dir)")
     args = p.parse_args(argv)
     run, show = COMMANDS[args.command]

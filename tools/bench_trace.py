@@ -9,7 +9,8 @@ holding ``input_length - 512 * (n - 1)`` of them. Each 64-token block's KV is a 
 tensor (32 values) whose bits encode its block id (``(p * H + h) * 8 + sub-block``), so every
 ``get`` is checked bit-exact. Per request, as an engine runs it: ``match`` the prompt, ``get``
 the hit blocks into one preallocated tensor, ``put`` the missed full blocks, ``flush()``. Passes
-repeat until past ``MIN_WRITES`` block writes (``--quick``: ``QUICK_REQUESTS`` requests, once).
+repeat until past ``MIN_WRITES`` block writes (``--quick``: the first ``QUICK_REQUESTS`` requests,
+once; ``--requests N``: the first N, once).
 
 Capacity: the RAM tiers are off (``host_bytes=0``, ``device_bytes=0``), so the disk tier is what
 is measured. Its budget holds ``C`` = 50% of one pass's unique 64-token blocks: every record of
@@ -25,7 +26,8 @@ Figures:
   run over the same block sequence (every block of a prompt touched at once, parents newest,
   hits only as a leading run): ratio target >= 0.99;
 - the raw limit: a raw LMDB environment with the store's flags (writemap, metasync off) given the
-  same number of records of the same length per request, one transaction, commit, ``sync``.
+  same number of records of the same length per request (random 16-byte keys, like the store's
+  hashes), one transaction, commit, ``sync``; it only grows (no eviction, no metadata).
 """
 
 from __future__ import annotations
@@ -141,9 +143,9 @@ class ExactLRU:
 
 
 def _windows(costs: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
-    """ms per 1k prompt tokens over the first and the last ``WINDOW`` of requests."""
+    """ms per 1k ``tokens`` over the first and the last ``WINDOW`` of requests (nan: none)."""
     w = max(1, int(len(costs) * WINDOW))
-    per_1k = lambda s: float(costs[s].sum() / tokens[s].sum() * 1e6)  # noqa: E731  (s -> ms/1k)
+    per_1k = lambda s: float(costs[s].sum() / tokens[s].sum() * 1e6) if tokens[s].sum() else float("nan")  # noqa: E731
     return per_1k(slice(0, w)), per_1k(slice(len(costs) - w, None))
 
 
@@ -154,14 +156,15 @@ def raw_lmdb_writes(counts: list[int], record_len: int, d: Path) -> np.ndarray:
     env = lmdb.open(str(d), map_size=max(64 * MiB, 4 * sum(counts) * (record_len + 64)),
                     writemap=True, metasync=False, sync=True)
     value = os.urandom(record_len)
-    key = 0
+    rng = np.random.default_rng(0)
     out = np.zeros(len(counts))
     try:
         for i, c in enumerate(counts):
             if not c:
                 continue
-            keys = [(key + j).to_bytes(16, "big") for j in range(c)]
-            key += c
+            # Random 16-byte keys, as the store's hashes are: each lands on its own page.
+            blob = rng.bytes(16 * c)
+            keys = [blob[j:j + 16] for j in range(0, 16 * c, 16)]
             t = time.perf_counter()
             with env.begin(write=True) as txn:
                 for k in keys:
@@ -193,7 +196,7 @@ def replay(requests: list[Request], workdir: Path, min_writes: int, io_threads: 
     cfg = config("store", capacity * entry_bytes)
     lru = ExactLRU(capacity)
     out = torch.zeros((max_blocks, KV_VALUES), dtype=torch.bfloat16)
-    read_s, write_s, prompt, written, lru_hits, hits = [], [], [], [], 0, 0
+    read_s, write_s, prompt, written, hit_blocks, lru_hits = [], [], [], [], [], 0
     passes = verified = 0
     t_run = time.perf_counter()
     with KVStore.open(cfg) as store:
@@ -222,7 +225,7 @@ def replay(requests: list[Request], workdir: Path, min_writes: int, io_threads: 
                 write_s.append(t3 - t2)
                 prompt.append(req.input_length)
                 written.append(put)
-                hits += k * BLOCK
+                hit_blocks.append(k)
                 lru_hits += lru.request(ids.tolist()) * BLOCK
                 if len(prompt) % 1000 == 0:
                     print(f"  {len(prompt)} requests, {sum(written)} block writes", file=sys.stderr)
@@ -235,8 +238,9 @@ def replay(requests: list[Request], workdir: Path, min_writes: int, io_threads: 
     rg0, rg1 = _windows(read_s, prompt)
     w0, w1 = _windows(write_s, prompt)
     r0, r1 = _windows(raw_s, prompt)
+    h0, h1 = _windows(read_s, np.array(hit_blocks, dtype=np.float64) * BLOCK)
     total_writes = sum(written)
-    hit_rate, lru_rate = hits / prompt.sum(), lru_hits / prompt.sum()
+    hit_rate, lru_rate = sum(hit_blocks) * BLOCK / prompt.sum(), lru_hits / prompt.sum()
     return {
         "machine": {"cores": os.cpu_count()}, "targets": TARGETS,
         "requests": len(prompt), "passes": passes, "prompt_tokens": int(prompt.sum()),
@@ -247,6 +251,7 @@ def replay(requests: list[Request], workdir: Path, min_writes: int, io_threads: 
         "evictions": stats["evictions"], "dropped_writes": stats["dropped_writes"],
         "run_s": run_s,
         "match_get_ms_per_1k_start": rg0, "match_get_ms_per_1k_end": rg1, "match_get_growth": rg1 / rg0,
+        "match_get_ms_per_1k_hit_start": h0, "match_get_ms_per_1k_hit_end": h1,
         "write_ms_per_1k_start": w0, "write_ms_per_1k_end": w1, "write_growth": w1 / w0,
         "raw_write_ms_per_1k_start": r0, "raw_write_ms_per_1k_end": r1,
         "writes_per_s": total_writes / write_s.sum(), "raw_writes_per_s": total_writes / raw_s.sum(),
@@ -257,11 +262,17 @@ def replay(requests: list[Request], workdir: Path, min_writes: int, io_threads: 
 
 def run(args) -> dict:
     path = Path(args.trace) if args.trace else DEFAULT_TRACE
-    requests = load_trace(path, QUICK_REQUESTS if args.quick else None)
+    if args.requests is not None and args.requests < 1:
+        raise SystemExit(f"--requests: expected a number of requests >= 1, got {args.requests}")
+    limit = args.requests or (QUICK_REQUESTS if args.quick else None)
+    try:
+        requests = load_trace(path, limit)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     base = Path(args.workdir or tempfile.mkdtemp(prefix="kvstore-bench-"))
     print(f"replaying {len(requests)} requests of {path.name}...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=base) as wd:
-        r = replay(requests, Path(wd), 0 if args.quick else MIN_WRITES)
+        r = replay(requests, Path(wd), 0 if limit else MIN_WRITES)
     r["trace"] = str(path)
     return r
 
@@ -282,6 +293,9 @@ def show(r: dict) -> None:
     ms = lambda a, b: f"{r[a]:.3f} -> {r[b]:.3f} ms/1k"  # noqa: E731
     print(_line("match+get, start -> end", ms("match_get_ms_per_1k_start", "match_get_ms_per_1k_end"),
                 "", r["match_get_growth"], TARGETS["cost_growth"], False))
+    print(f"  {'':30s} per 1k hit tokens {r['match_get_ms_per_1k_hit_start']:.3f} -> "
+          f"{r['match_get_ms_per_1k_hit_end']:.3f} ms (later requests hit more: the cost per prompt "
+          f"token grows with the hit rate)")
     print(_line("put+flush, start -> end", ms("write_ms_per_1k_start", "write_ms_per_1k_end"),
                 "raw LMDB " + ms("raw_write_ms_per_1k_start", "raw_write_ms_per_1k_end"),
                 r["write_growth"], TARGETS["cost_growth"], False))
