@@ -85,6 +85,10 @@ class Match:
 
 REMOVAL_POLL_S = 1.0  # how stale another process's purge may look to this one's RAM tiers
 COUNTERS_EVERY_S = 5.0  # how often write-behind threads persist this process's counters
+# Raw bytes a load thread must have to decode for a parallel load to pay: small blocks decode in
+# Python under the GIL, and handing them to threads cost more than it spread (the trace replay,
+# 64-byte blocks). Large blocks (1.4-8 MiB each) still get a thread a block.
+PARALLEL_LOAD_BYTES = 1 << 20
 
 
 class LoadHandle:
@@ -472,7 +476,8 @@ class KVStore:
         so reading one block overlaps decoding another (zstd and LMDB release the GIL)."""
         staging = [o if o.device.type == "cpu" and o.is_contiguous() else torch.empty_like(o, device="cpu")
                    for o in outs]
-        parts = min(self.config.io_threads, len(keys))
+        parts = min(self.config.io_threads, len(keys),
+                    max(1, len(keys) * self._block_nbytes() // PARALLEL_LOAD_BYTES))
         if parts <= 1:
             ok = tier.get_many(keys, staging, now)
         else:

@@ -262,7 +262,9 @@ def test_the_vllm_connector_modules_depend_one_way():
                                                  "engine_adapter.vllm_stats"}, f.relative_to(ROOT)
 
 
-def test_the_datapath_benchmark_measures_through_the_public_api_only():
-    """tools/bench_datapath.py times what a user gets: KVStore and its config, no tier class."""
-    mods = first_party_imports(ROOT / "tools" / "bench_datapath.py")
+@pytest.mark.parametrize("bench", ["bench_datapath.py", "bench_trace.py"])
+def test_the_data_path_benchmarks_measure_through_the_public_api_only(bench):
+    """tools/bench_datapath.py and bench_trace.py time what a user gets: KVStore and its
+    config, no tier class."""
+    mods = first_party_imports(ROOT / "tools" / bench)
     assert {m for m in mods if m.startswith("kvstore")} <= {"kvstore", "kvstore.codec"}, mods

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tools.bench {tiers,datapath,pipeline,ttft,vllm,remote} [--json] [--quick]``.
+"""Benchmarks: ``python -m tools.bench {tiers,datapath,trace,pipeline,ttft,vllm,remote} [--json] [--quick]``.
 
 Every figure is printed beside the machine's own limit measured in the same run (numpy copies
 into touched memory, raw LMDB puts/gets of the same bytes), as a ratio, so results carry over
@@ -28,7 +28,7 @@ from kvstore.tiers.base import BlockEntry
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.slab import SlabTier
 
-from . import bench_datapath, bench_remote, bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
+from . import bench_datapath, bench_remote, bench_trace, bench_vllm  # imports vLLM only inside run(): vLLM reads its env at import
 from .timing import best
 
 MiB = 1 << 20
@@ -414,7 +414,8 @@ def cmd_datapath(args) -> dict:
                               drop_page_cache)
 
 
-COMMANDS = {"tiers": (cmd_tiers, print_tiers), "datapath": (cmd_datapath, bench_datapath.show), "ttft": (cmd_ttft, print_ttft),
+COMMANDS = {"tiers": (cmd_tiers, print_tiers), "datapath": (cmd_datapath, bench_datapath.show),
+            "trace": (bench_trace.run, bench_trace.show), "ttft": (cmd_ttft, print_ttft),
             "pipeline": (cmd_pipeline, print_pipeline), "vllm": (cmd_vllm, print_vllm),
             "remote": (cmd_remote, bench_remote.show)}
 
@@ -424,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=sorted(COMMANDS))
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quick", action="store_true", help="fewer blocks: a smoke run, not figures")
+    p.add_argument("--trace", help="the trace command's JSON-lines trace (default: "
+                   "../shared/traces/conversation_trace.jsonl beside the checkout)")
+    p.add_argument("--requests", type=int, help="trace: replay only the first N requests, once")
     p.add_argument("--workdir", help="directory for temporary stores (default: the system temp dir)")
     args = p.parse_args(argv)
     run, show = COMMANDS[args.command]

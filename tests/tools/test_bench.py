@@ -66,3 +66,23 @@ def test_datapath_benchmark_quick_run_prints_each_figure_beside_its_limit(tmp_pa
     assert 0 < r["sets"]["smollm2_bf16_1.4MiB"]["bytes_ratio"] < r["fp16_bytes_ratio"] < 1.0
     assert set(r["targets"]) == {"store_vs_files", "store_vs_lmdb", "cold_load", "warm_load",
                                  "bytes_bf16", "bytes_fp16"}
+
+
+def test_trace_benchmark_quick_run_compares_the_store_with_an_exact_lru(tmp_path):
+    r = quick_run("trace", "--workdir", str(tmp_path))
+    assert r["requests"] == 300 and r["passes"] == 1
+    # The disk tier held exactly the capacity the exact LRU was given: half the unique blocks.
+    assert r["capacity_blocks"] == r["unique_blocks_per_pass"] // 2
+    assert r["disk_budget_bytes"] == r["capacity_blocks"] * r["entry_bytes"]
+    assert r["disk_entries_at_end"] == r["capacity_blocks"]
+    assert r["evictions"]["reason=capacity,tier=disk"] > 0
+    # Every hit block was served and checked bit-exact; the hit rate is those hits.
+    assert r["blocks_verified"] * 64 == pytest.approx(r["hit_rate"] * r["prompt_tokens"], rel=1e-9)
+    # The exact LRU ran over the same sequence: its own hits, not the store's figure copied.
+    assert 0 < r["lru_hit_rate"] < 1 and r["hit_rate_vs_lru"] == pytest.approx(
+        r["hit_rate"] / r["lru_hit_rate"], rel=1e-9)
+    for name in ("match_get", "write"):
+        assert r[f"{name}_growth"] == pytest.approx(
+            r[f"{name}_ms_per_1k_end"] / r[f"{name}_ms_per_1k_start"], rel=1e-9)
+    assert r["raw_writes_per_s"] > 0 and r["writes_per_s"] > 0 and r["block_writes"] > 0
+    assert set(r["targets"]) == {"cost_growth", "writes_per_s", "hit_rate_vs_lru"}

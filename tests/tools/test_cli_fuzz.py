@@ -49,7 +49,7 @@ PROMPT_DESTS = {"a", "b", "prefix_of"}
 SLOW_CHOICES = {("format", "text"), ("format", "chat")}
 
 ERROR_LINE = re.compile(r"kvstore(?: [a-z-]+)?: error: ")
-PROGRESS = re.compile(r"(?:\rverify \[[#.]{30}\] [^\r\n]*)+\n")
+PROGRESS = re.compile(r"(?:\r(?:verify|compact) \[[#.]{30}\] [^\r\n]*)+\n")  # the commands with --progress
 
 # -- the store and the files the values may name ----------------------------------------------
 DATA = {  # namespace -> prompts (token ids) whose full blocks are stored
