@@ -136,7 +136,7 @@ class WriteBehind:
                 # first thread awake used to take all of 32 8 MiB blocks and encode them alone),
                 # but no less than BATCH_BYTES: small blocks cost a commit, not CPU.
                 share = max(self._least, -(-len(self._queue) // max(1, self._threads_wanted)))
-                items = [self._queue.popleft() for _ in range(min(self.batch, share))]
+                items = [self._queue.popleft() for _ in range(min(self.batch, share, len(self._queue)))]
                 self._inflight += 1
             t0 = time.perf_counter()
             try:
