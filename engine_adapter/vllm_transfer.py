@@ -178,6 +178,7 @@ class Transfers:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._loads_inflight = 0
+        self._finished = 0  # loads and save batches finished so far (wait_for_progress)
         self._load_done: set[str] = set()
         self._load_errors: set[int] = set()
         self._saves_pending: dict[str, int] = {}  # req_id -> save jobs not yet done
@@ -227,6 +228,7 @@ class Transfers:
                 self._load_errors.update(failed)
                 self._load_done.add(job.req_id)
                 self._loads_inflight -= 1
+                self._finished += 1
                 self._idle.notify_all()
             self.stats.add(loaded_tokens=done_blocks * (self.bt // per),
                            loaded_bytes=done_blocks * self.block_bytes // per,
@@ -275,6 +277,7 @@ class Transfers:
                 self._saves_pending[job.req_id] -= 1
                 if not self._saves_pending[job.req_id]:
                     del self._saves_pending[job.req_id]
+            self._finished += 1
             self._idle.notify_all()
         self.stats.add(stored_tokens=tokens, store_seconds=seconds)
 
@@ -301,6 +304,17 @@ class Transfers:
         """Blocks until no save of ``req_ids`` is pending (before vLLM reuses their blocks)."""
         with self._idle:
             self._idle.wait_for(lambda: not (req_ids & self._saves_pending.keys()))
+
+    def wait_for_progress(self, timeout: float) -> bool:
+        """Blocks until a load or save in flight finishes, at most ``timeout`` seconds. Returns
+        at once, False, when none is in flight or a finished load waits to be reported;
+        otherwise True (it waited)."""
+        with self._idle:
+            if not (self._loads_inflight or self._saves_pending) or self._load_done:
+                return False
+            seen = self._finished
+            self._idle.wait_for(lambda: self._finished != seen, timeout)
+            return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Blocks until no load or save is in flight; False if ``timeout`` ran out."""

@@ -99,6 +99,9 @@ DECLARED: dict[str, Declared] = _declare(
     Declared("vllm_load_failed_blocks", "counter",
              "Store blocks whose load failed in the vLLM connector (vLLM recomputes them).", "blocks"),
     Declared("vllm_stored_blocks", "counter", "Store blocks the vLLM connector saved.", "blocks"),
+    Declared("vllm_idle_waits", "counter",
+             "Steps with no tokens scheduled in which the vLLM connector waited for a transfer "
+             "instead of letting vLLM's loop spin.", ""),
     Declared("vllm_bypassed_requests", "counter",
              "Requests the vLLM connector neither loads nor stores (LoRA, multimodal, prompt "
              "embeddings), by reason.", "", {"reason": BYPASS_REASONS}),

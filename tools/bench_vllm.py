@@ -13,8 +13,10 @@ only come from the store. For each prompt length, in the same run and alternatin
 Decode under a load: request B decodes while request A's long prefix loads from a cold store
 (page cache dropped); B's inter-token gaps from A's arrival to A's first token (p50, p99, max)
 beside B's gaps in the same run without A. Then the same bytes: the connector's load GB/s
-(its threads: disk read, decode, copy into vLLM's blocks) beside the store's own cold
-``match`` + ``get`` into a preallocated buffer, in the same run (target ratio >= 0.8).
+(its threads: disk read, decode, copy into vLLM's blocks) with A alone from a cold store, and
+while B decodes, each beside the store's own cold ``match`` + ``get`` into a preallocated buffer
+in the same run (target ratio >= 0.8 for A alone; while B decodes, B's forward takes one of the
+2 cores the store's get had).
 
 Needs .venv-vllm (``make test-vllm`` builds it). Run: ``python -m tools.bench_vllm [--quick]``.
 """
@@ -116,7 +118,7 @@ def run(args) -> dict:
             r = results[str(n)]
             r["ratio"] = r["ttft_hit_s"] / r["recompute_s"]
         decode = _decode_under_load(llm, store, store_path, rng, vocab, max(lengths) - 64,
-                                    wait_for_transfers, seconds)
+                                    wait_for_transfers, seconds, repeats)
         del llm
     return {"vllm_ttft": results, "repeats": repeats, "decode_under_load": decode}
 
@@ -163,7 +165,7 @@ def _gaps(ts: list[float]) -> dict:
 
 
 def _decode_under_load(llm, store, store_path, rng, vocab, n_tokens, wait_for_transfers,
-                       seconds) -> dict:
+                       seconds, repeats: int) -> dict:
     """B's inter-token gaps while A's cold hit loads, against B alone; connector vs store GB/s."""
     import torch
 
@@ -179,21 +181,27 @@ def _decode_under_load(llm, store, store_path, rng, vocab, n_tokens, wait_for_tr
     b, a = _stream(llm, [(0, short, b_tokens), (3, long, 2)])
     load_s, load_bytes = seconds("vllm_load_seconds") - l0, _loaded_bytes(store) - b0
     window = [t for t in b[1:] if a[0] < t <= a[1]]
-    # The store alone, cold, the same blocks into a preallocated buffer.
-    _drop_page_cache(store_path)
+    # A alone, then the store alone: the same bytes from a cold store, alternating, at least 3 times; medians.
+    a_alone, store_runs = [], []
     ns = next(iter(store.namespaces().values()))
-    t0 = time.perf_counter()
-    m = store.match(long[:len(long) - 1], ns, touch=False)
-    out = torch.empty((m.num_blocks, *store.block_shape), dtype=store.dtype)
-    got = store.get(m, out=out)
-    store_s = time.perf_counter() - t0
-    store_bytes = sum(x.numel() * x.element_size() for x in got)
+    for _ in range(max(3, repeats)):
+        _drop_page_cache(store_path)
+        l1, b1 = seconds("vllm_load_seconds"), _loaded_bytes(store)
+        _stream(llm, [(0, long, 2)])
+        a_alone.append((_loaded_bytes(store) - b1) / (seconds("vllm_load_seconds") - l1) / 1e9)
+        _drop_page_cache(store_path)
+        t0 = time.perf_counter()
+        m = store.match(long[:len(long) - 1], ns, touch=False)
+        out = torch.empty((m.num_blocks, *store.block_shape), dtype=store.dtype)
+        got = store.get(m, out=out)
+        store_s = time.perf_counter() - t0
+        store_runs.append(sum(x.numel() * x.element_size() for x in got) / store_s / 1e9)
     return {
         "prompt_tokens": n_tokens, "loaded_bytes": load_bytes, "load_s": load_s,
         "a_wait_s": a[1] - a[0], "b_tokens_during_load": len(window),
         "during_load": _gaps([a[0], *window]), "alone": _gaps(alone[1:]),
         "connector_gbps": load_bytes / load_s / 1e9 if load_s else 0.0,
-        "store_gbps": store_bytes / store_s / 1e9 if store_s else 0.0,
+        "connector_alone_gbps": statistics.median(a_alone), "store_gbps": statistics.median(store_runs),
     }
 
 
@@ -226,9 +234,15 @@ def show(results: dict) -> None:
         for name, key in (("during A's load", "during_load"), ("alone (no load)", "alone")):
             g = d[key]
             print(f"  {name:22s} {g['n']:6d} {g['p50_s']:7.3f}s {g['p99_s']:7.3f}s {g['max_s']:7.3f}s")
-        ratio = d["connector_gbps"] / d["store_gbps"] if d["store_gbps"] else 0.0
-        print(f"  load of {d['loaded_bytes'] / 2**20:.0f} MiB: connector {d['connector_gbps']:.2f} GB/s, "
-              f"store's own cold get {d['store_gbps']:.2f} GB/s: ratio {ratio:.2f} (target >= 0.8)")
+        store = d["store_gbps"]
+        ratio = lambda x: x / store if store else 0.0  # noqa: E731
+        print(f"  load of {d['loaded_bytes'] / 2**20:.0f} MiB from a cold store; the store's own cold get "
+              f"{store:.2f} GB/s")
+        alone = d["connector_alone_gbps"]
+        print(f"    connector, A alone      {alone:.2f} GB/s  ratio {ratio(alone):.2f}  target >= 0.8  "
+              f"{'met' if ratio(alone) >= 0.8 else 'MISSED'}")
+        print(f"    connector, while B decodes {d['connector_gbps']:.2f} GB/s  ratio "
+              f"{ratio(d['connector_gbps']):.2f}  (B's forward holds one of the cores)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -309,6 +309,23 @@ MUTATIONS = (
         ("tests/vllm/test_connector_async.py",), keyword="keeps_producing", python="vllm",
         timeout_s=600),
     Mutation(
+        "connector_idle_step_spins",
+        "while every request waits for a load, vLLM's loop waits for the connector's transfers "
+        "instead of spinning (and starving the loader threads of the GIL)",
+        (("engine_adapter/vllm_transfer.py",
+          "            self._idle.wait_for(lambda: self._finished != seen, timeout)\n",
+          "            pass\n"),),
+        ("tests/vllm/test_transfer.py", "tests/vllm/test_connector_async.py"),
+        keyword="idle_steps_wait or waits_instead_of_spinning", python="vllm", timeout_s=600),
+    Mutation(
+        "connector_idle_step_unmarked",
+        "the scheduler marks steps with no tokens scheduled, so the connector knows no forward runs",
+        (("engine_adapter/vllm_connector.py",
+          "idle=scheduler_output.total_num_scheduled_tokens == 0)",
+          "idle=False)"),),
+        ("tests/vllm/test_connector_async.py",), keyword="waits_instead_of_spinning",
+        python="vllm", timeout_s=600),
+    Mutation(
         "connector_frees_blocks_while_saving",
         "vLLM frees a finished request's blocks only after the connector copied them out",
         (("engine_adapter/vllm_transfer.py",

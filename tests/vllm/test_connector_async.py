@@ -1,5 +1,6 @@
 """KVStoreConnector off the engine step, against a real vLLM engine (CPU): a request decoding
-while another's long prefix loads keeps producing tokens; a load that fails midway is recomputed
+while another's long prefix loads keeps producing tokens; while every request waits for a load,
+vLLM's loop waits with it instead of spinning; a load that fails midway is recomputed
 with the same output; no flush anywhere in the engine's path; the connector's counters on vLLM's
 own Prometheus registry. Every engine runs in a fresh process (engine_run.py)."""
 
@@ -66,6 +67,26 @@ def test_decoding_request_keeps_producing_tokens_while_a_long_prefix_loads(
     # step that loaded A before A's own first token (which comes with B's next).
     assert len(during) >= 2
     assert res["counters"].get("vllm_load_failed_blocks", 0) == 0
+
+
+def test_while_every_request_waits_for_a_load_the_engine_waits_instead_of_spinning(
+        run_engine, tiny_model, warm_store, reference, tmp_path):
+    from engine_adapter.vllm_connector import IDLE_WAIT_S
+
+    store = str(tmp_path / "kv")
+    shutil.copytree(warm_store, store)
+    _drop_page_cache(store)
+    res = run_engine(model=tiny_model, store=store, prefix_caching=False, host_bytes=0,
+                     phases=[[P1]])
+    ((got,),) = res["phases"]
+    assert got["output"] == reference["P1"] and got["cached"] == HIT["P1"]
+    c = res["counters"]
+    # vLLM calls the connector in a loop with no forward while P1 waits for its KV; each call
+    # waits until a transfer ends or IDLE_WAIT_S passes. Returning at once makes that loop
+    # spin (and hold the GIL the loader threads need): thousands of calls, not a handful.
+    spins = c.get("vllm_idle_waits", 0)
+    transfers = c["vllm_load_seconds_count"] + c.get("vllm_store_seconds_count", 0)
+    assert 1 <= spins <= c["vllm_load_seconds_sum"] / IDLE_WAIT_S + transfers + 2
 
 
 def _damage_blocks(store_dir: str, tokens: list[int], which: tuple[int, ...]) -> int:

@@ -2,9 +2,10 @@
 laid out like vLLM's (dim 0 indexes vLLM blocks): saves and loads round trip bit-exact through
 the staging buffers, on the CPU and, where a GPU is present, on CUDA (dedicated stream, pinned
 staging); a finished request is released only after its saves; a load of blocks the store lacks
-reports them failed."""
+reports them failed; an idle step's wait ends when a transfer finishes."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -106,3 +107,20 @@ def test_a_finished_request_is_released_only_after_its_saves(transfers_for):
     assert t.wait_idle(60)
     assert t.take_finished(set()) == ({"r"}, set())  # released once, in a later step
     assert t.take_finished(set()) == (set(), set())
+
+
+def test_an_idle_steps_wait_ends_when_a_transfer_finishes(transfers_for):
+    gate = threading.Event()  # holds the saver thread at the end of its save
+    t = transfers_for(caches("cpu", 4), visible=lambda: gate.wait(60))
+    assert t.wait_for_progress(30) is False  # nothing in flight: vLLM's loop goes on at once
+    t.save([SaveJob("r", list(range(BT)), [1, 2], 0, "ns")])
+    threading.Timer(0.2, gate.set).start()
+    t0 = time.monotonic()
+    assert t.wait_for_progress(30) is True
+    assert time.monotonic() - t0 < 20  # woken by the save's end, not by the timeout
+    assert t.wait_idle(0)  # it returned because the save had finished
+    # A finished load not reported yet: no wait, the step reports it now.
+    t.load(LoadJob("q", list(range(BT)), [6, 7], 0, "ns"))
+    assert t.wait_idle(60)
+    assert t.wait_for_progress(30) is False
+    assert t.take_finished(set())[1] == {"q"}
