@@ -176,33 +176,41 @@ def _decode_under_load(llm, store, store_path, rng, vocab, n_tokens, wait_for_tr
     store.flush()
     b_tokens = 120
     (alone,) = _stream(llm, [(0, short, b_tokens)])
-    _drop_page_cache(store_path)
-    l0, b0 = seconds("vllm_load_seconds"), _loaded_bytes(store)
-    b, a = _stream(llm, [(0, short, b_tokens), (3, long, 2)])
-    load_s, load_bytes = seconds("vllm_load_seconds") - l0, _loaded_bytes(store) - b0
+
+    def cold_load(schedule: list) -> tuple[list[list[float]], int, float]:
+        """``_stream(schedule)`` from a cold store, with the connector's loaded bytes and load
+        seconds meanwhile."""
+        _drop_page_cache(store_path)
+        l0, b0 = seconds("vllm_load_seconds"), _loaded_bytes(store)
+        out = _stream(llm, schedule)
+        return out, _loaded_bytes(store) - b0, seconds("vllm_load_seconds") - l0
+
+    (b, a), load_bytes, load_s = cold_load([(0, short, b_tokens), (3, long, 2)])
     window = [t for t in b[1:] if a[0] < t <= a[1]]
     # A alone, then the store alone: the same bytes from a cold store, alternating, at least 3 times; medians.
     a_alone, store_runs = [], []
     ns = next(iter(store.namespaces().values()))
     for _ in range(max(3, repeats)):
-        _drop_page_cache(store_path)
-        l1, b1 = seconds("vllm_load_seconds"), _loaded_bytes(store)
-        _stream(llm, [(0, long, 2)])
-        a_alone.append((_loaded_bytes(store) - b1) / (seconds("vllm_load_seconds") - l1) / 1e9)
+        _, nbytes, s = cold_load([(0, long, 2)])
+        a_alone.append(_gbps(nbytes, s))
         _drop_page_cache(store_path)
         t0 = time.perf_counter()
         m = store.match(long[:len(long) - 1], ns, touch=False)
         out = torch.empty((m.num_blocks, *store.block_shape), dtype=store.dtype)
         got = store.get(m, out=out)
         store_s = time.perf_counter() - t0
-        store_runs.append(sum(x.numel() * x.element_size() for x in got) / store_s / 1e9)
+        store_runs.append(_gbps(sum(x.numel() * x.element_size() for x in got), store_s))
     return {
         "prompt_tokens": n_tokens, "loaded_bytes": load_bytes, "load_s": load_s,
         "a_wait_s": a[1] - a[0], "b_tokens_during_load": len(window),
         "during_load": _gaps([a[0], *window]), "alone": _gaps(alone[1:]),
-        "connector_gbps": load_bytes / load_s / 1e9 if load_s else 0.0,
+        "connector_gbps": _gbps(load_bytes, load_s),
         "connector_alone_gbps": statistics.median(a_alone), "store_gbps": statistics.median(store_runs),
     }
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds else 0.0
 
 
 def _loaded_bytes(store) -> int:
