@@ -49,6 +49,22 @@ MAGIC = b"KVSR"
 _PLANE_PARAMS = zstandard.ZstdCompressionParameters(
     window_log=18, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0, strategy=1)
 _PREFIX = struct.Struct("<4sHI")
+PREFIX_SIZE = _PREFIX.size
+
+
+def head_size(prefix: bytes | memoryview) -> int:
+    """The bytes of a record before its payload (prefix and header), from its first
+    PREFIX_SIZE bytes: what a reader of a stream takes before it knows where the payload goes.
+
+    Raises:
+        CorruptEntryError: bad magic or truncation.
+    """
+    if len(prefix) < _PREFIX.size:
+        raise CorruptEntryError(f"record truncated: {len(prefix)} bytes")
+    magic, hlen, _ = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise CorruptEntryError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    return _PREFIX.size + hlen
 
 class _Dtypes(Mapping):
     """Name -> torch dtype of the dtypes the codec stores; the names are known without torch
@@ -185,12 +201,25 @@ class Codec:
         Raises:
             ValueError: the dtype is not one the codec stores.
         """
+        parts = self.encode_parts(block)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def encode_parts(self, block: torch.Tensor) -> list:
+        """The record of ``block`` as buffers that, sent one after the other, are its bytes.
+
+        A record that holds the block verbatim (``"none"`` without byte planes) comes as its
+        head and a view of the block's own memory, valid as long as ``block`` is and unchanged
+        (a sender saves the copy into one record); any other record is one ``bytes``.
+
+        Raises:
+            ValueError: the dtype is not one the codec stores.
+        """
         name = dtype_name(block.dtype)
         block = block.detach().to("cpu").contiguous()
         raw = byte_view(block)
         planes = block.element_size() if self.byte_split and block.element_size() in (2, 4) else 1
         if self.compression == "zstd-hi":
-            return self._encode_v2(name, block, raw, planes)
+            return [self._encode_v2(name, block, raw, planes)]
         if planes > 1:
             body = self._scratch(raw.nbytes)
             _split_planes(raw, body.reshape(planes, -1))
@@ -199,7 +228,8 @@ class Codec:
         if self.compression == "zstd":
             payload = self._compressor().compress(body)
         else:
-            payload = body.tobytes()
+            payload = body.tobytes() if planes > 1 else memoryview(raw)  # the scratch is reused
+        xxh = xxhash.xxh3_64_digest(raw)
         header = msgpack.packb({
             "v": 1,
             "dtype": name,
@@ -208,11 +238,13 @@ class Codec:
             "level": self.level if self.compression == "zstd" else 0,
             "planes": planes,
             "n": raw.nbytes,
-            "xxh": xxhash.xxh3_64_digest(raw),
-            "pxh": xxhash.xxh3_64_digest(payload),
+            "xxh": xxh,
+            "pxh": xxh if planes == 1 and self.compression == "none" else xxhash.xxh3_64_digest(payload),
         })
         prefix = _PREFIX.pack(MAGIC, len(header), xxhash.xxh32_intdigest(header))
-        return b"".join((prefix, header, payload))
+        if isinstance(payload, memoryview):
+            return [prefix + header, payload]
+        return [b"".join((prefix, header, payload))]
 
     def _encode_v2(self, name: str, block: torch.Tensor, raw: np.ndarray, planes: int) -> bytes:
         per = raw.nbytes // planes
@@ -307,26 +339,69 @@ class Codec:
             ValueError: ``out`` does not match the record's shape and dtype.
         """
         h = self.read_header(record)
-        shape, dtype, n, planes = h["shape"], h["torch_dtype"], h["n"], h["planes"]
+        out = self.output(h, out)
+        self.decode_payload(h, memoryview(record)[h["offset"]:], out)
+        return out
+
+    @staticmethod
+    def output(h: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out`` checked against the block that header ``h`` describes (a new tensor if None).
+
+        Raises:
+            ValueError: ``out`` is not a contiguous CPU tensor of the record's shape and dtype.
+        """
+        shape, dtype = h["shape"], h["torch_dtype"]
         if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            return torch.empty(shape, dtype=dtype)
+        if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() \
+                or out.device.type != "cpu":
             raise ValueError(
-                f"out: expected a contiguous tensor of shape {shape} and dtype {h['dtype']}, "
-                f"got shape {tuple(out.shape)} and dtype {out.dtype}"
+                f"out: expected a contiguous tensor of shape {shape} and dtype {h['dtype']} on the "
+                f"CPU, "
+                f"got shape {tuple(out.shape)} and dtype {out.dtype} on {out.device}"
             )
+        return out
+
+    @staticmethod
+    def verbatim(h: dict[str, Any]) -> bool:
+        """Whether the record of header ``h`` holds its block's bytes as they are (its payload
+        may be read straight into the destination, then checked with ``check_verbatim``)."""
+        return h["v"] == 1 and h["codec"] == "none" and h["planes"] == 1
+
+    @staticmethod
+    def check_verbatim(h: dict[str, Any], dst: torch.Tensor) -> None:
+        """Checks a verbatim record's payload, already in ``dst``, against its checksums.
+
+        Raises:
+            CorruptEntryError: the bytes differ from those the record was written with.
+        """
+        if xxhash.xxh3_64_digest(byte_view(dst)) != h["pxh"]:
+            raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
+        if h["pxh"] != h["xxh"]:
+            raise CorruptEntryError("checksum mismatch: the record's bytes were altered")
+
+    def decode_payload(self, h: dict[str, Any], payload: bytes | memoryview,
+                       out: torch.Tensor) -> None:
+        """Decodes the payload of a record whose header is ``h`` (from ``read_header``) into
+        ``out`` (from ``output``); ``decode`` is ``read_header``, ``output`` and this.
+
+        Raises:
+            CorruptEntryError: the payload is damaged.
+        """
         dst = byte_view(out)
-        payload = memoryview(record)[h["offset"]:]
+        payload = memoryview(payload)
         if xxhash.xxh3_64_digest(payload) != h["pxh"]:
             raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
         if h["v"] == 2:
             data_sum = self._decode_v2(h, payload, dst)
+        elif self.verbatim(h) and len(payload) == h["n"]:
+            dst[:] = np.frombuffer(payload, dtype=np.uint8)
+            data_sum = h["pxh"]  # the payload is the data: its checksum was just verified
         else:
             self._decode_v1(h, payload, dst)
             data_sum = xxhash.xxh3_64_digest(dst)
         if data_sum != h["xxh"]:
             raise CorruptEntryError("checksum mismatch: the record's bytes were altered")
-        return out
 
     def _decode_v2(self, h: dict, payload: memoryview, dst: np.ndarray) -> bytes:
         """Chunk by chunk: the compressed planes' chunks are decompressed into a per-thread

@@ -63,7 +63,9 @@ def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) ->
         tiers.append(DiskTier(None, config.disk_bytes, config.disk_ttl_s, codec, metrics, env=env))
     if config.remote_url:  # read-only too: tools show and purge what the fleet shares
         from .tiers.remote import RemoteTier  # only a store with a remote tier imports the client
-        codec = Codec(config.compression, config.zstd_level, config.byte_split, config.io_threads)
+        # Byte planes only help compression: a "none" record is the block verbatim.
+        codec = Codec(config.remote_compression, config.zstd_level,
+                      config.remote_compression != "none" and config.byte_split, config.io_threads)
         tiers.append(RemoteTier(config.remote_url, config.remote_ttl_s, config.remote_timeout_s,
                                 codec, metrics, encode_threads=config.io_threads))
     return Stack(config, tiers, ledger)

@@ -47,6 +47,7 @@ def test_durations(text, expect):
     ("remote_url", 6379, "remote_url: expected a URL string"),
     ("remote_timeout_s", 0, "remote_timeout_s: expected a duration in (0, 60]"),
     ("remote_timeout_s", "soon", "remote_timeout_s: expected a duration"),
+    ("remote_compression", "lz4", "remote_compression: expected one of zstd-hi, zstd, none"),
 ])
 def test_bad_values_name_the_key(tmp_path, key, value, fragment):
     with pytest.raises(ConfigError) as e:

@@ -267,8 +267,8 @@ MUTATIONS = (
     Mutation(
         "remote_fault_raises",
         "a connection reset in the middle of a remote batch is a counted miss, never an exception",
-        (("kvstore/tiers/remote.py", "            out = pipe.execute(raise_on_error=False)\n        except Exception as e:",
-          "            out = pipe.execute(raise_on_error=False)\n        except ValueError as e:"),),
+        (("kvstore/tiers/remote.py", "            out = fn()\n        except Exception as e:",
+          "            out = fn()\n        except ValueError as e:"),),
         ("tests/tiers/test_remote.py",), keyword="reset_mid_batch"),
     Mutation(
         "remote_asked_on_put",
@@ -284,8 +284,14 @@ MUTATIONS = (
     Mutation(
         "remote_record_not_verified",
         "a remote record is verified before use; a bad one is a counted miss, deleted",
-        (("kvstore/tiers/remote.py", "                    self.codec.decode(rec, out)\n",
+        (("kvstore/tiers/remote.py", "                    self.codec.decode_payload(h, payload, out)\n",
           "                    out.view(-1).view(torch.uint8).numpy()[:] = 0\n"),),
+        ("tests/tiers/test_tier_contract.py",), keyword="damaged and remote"),
+    Mutation(
+        "remote_verbatim_record_not_verified",
+        "a verbatim remote record, read straight into the destination, is still checksummed",
+        (("kvstore/tiers/remote.py", "                    Codec.check_verbatim(h, out)\n",
+          "                    pass\n"),),
         ("tests/tiers/test_tier_contract.py",), keyword="damaged and remote"),
     Mutation(
         "remote_purge_does_not_reach_the_server",

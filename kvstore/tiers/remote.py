@@ -1,12 +1,16 @@
 """RemoteTier: a shared tier on a Redis-protocol server (Valkey 9, Redis 7), below disk.
 
-One block is one hash ``<prefix><key hex>`` with fields ``r`` (the same self-describing,
-checksummed record as the disk tier: a disk victim goes up as it is), ``m`` (its static metadata,
-msgpack), ``a`` (last access) and ``p`` (pinned until). The block key is chained from the
-namespace (model, layout, dtype, rank, tenant salt), so tenants never share a key; in a cluster
-the keys of one prompt spread over the shards. The server owns the budget: its ``maxmemory``
-policy evicts, and every key expires ``ttl_s`` after its last use (refreshed on a hit). A chain
-the server broke is harmless: lookups stop at the first miss.
+One block is one string ``<prefix><key hex>``: its last access and pinned-until times (fixed
+width, so a touch or a pin rewrites them in place with SETRANGE and a lookup reads only them
+with GETRANGE), its static metadata (msgpack) and the same self-describing, checksummed record
+as the disk tier (a disk victim goes up as it is). One string, not a hash: the server sends a
+string's value from its memory, a hash field's through its reply buffers (pipelined reads of
+1.4 MiB values 1.5-2x slower here). Large values go through resp.py: read straight into the
+destination, sent from the block's memory. The block key is chained from the namespace (model,
+layout, dtype, rank, tenant salt), so tenants never share a key; in a cluster the keys of one
+prompt spread over the shards. The server owns the budget: its ``maxmemory`` policy evicts, and
+every key expires ``ttl_s`` after its last use (refreshed on a hit). A chain the server broke
+is harmless: lookups stop at the first miss.
 
 Faults are misses: every request waits at most ``timeout_s`` on a socket; a timeout, a refused
 connection or refused credentials opens a circuit breaker, after which requests return misses
@@ -31,12 +35,13 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from ..codec import Codec
+from ..codec import PREFIX_SIZE, Codec, aligned_empty, byte_view, head_size
 from ..config import parse_url
 from ..errors import ConfigError, CorruptEntryError
 from ..eviction import EntryMeta, is_expired, is_live
 from ..lazy_torch import torch
 from ..metrics import Metrics
+from . import resp
 from .base import BlockEntry, Evicted, EvictCallback, TierUsage
 
 log = logging.getLogger(__name__)
@@ -54,22 +59,48 @@ SOCKET_READ_SIZE = 1 << 20
 # its blocks first and then all of them decoding at once.
 BATCH_BYTES = 8 << 20
 
+# A block's value: last access and pinned-until (each _NUM ASCII chars), the length of the
+# metadata (_ML digits), the metadata, the record.
+_NUM, _ML = 20, 4
+_HEAD = 2 * _NUM + _ML
+_SCAN_BYTES = 512  # what a scan reads of each value: the head and the metadata
+_MAX_NUM = 9.99e12  # the largest time _NUM chars hold with 6 decimals
+
+
+def _num(t: float) -> bytes:
+    return b"%020.6f" % min(max(float(t), 0.0), _MAX_NUM)
+
+
+def _head(value: bytes) -> tuple[float, float, int] | None:
+    """Last access, pinned-until and metadata length from a value's first _HEAD bytes (the
+    times alone from its first 2 * _NUM); None when they are not a block's."""
+    try:
+        times = float(value[:_NUM]), float(value[_NUM:2 * _NUM])
+        if len(value) == 2 * _NUM:
+            return (*times, 0)
+        return (*times, int(value[2 * _NUM:_HEAD])) if len(value) >= _HEAD else None
+    except ValueError:
+        return None
+
+
 # Raise last access and refresh the expiry, only if the key exists (a touch never creates one).
-_TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local a = tonumber(redis.call('HGET', KEYS[1], 'a') or '0')
-local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
-if tonumber(ARGV[1]) > a then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
+_TOUCH = f"""
+local h = redis.call('GETRANGE', KEYS[1], 0, {2 * _NUM - 1})
+if #h < {2 * _NUM} then return 0 end
+local a = tonumber(string.sub(h, 1, {_NUM}))
+local p = tonumber(string.sub(h, {_NUM + 1}, {2 * _NUM}))
+if tonumber(ARGV[1]) > a then redis.call('SETRANGE', KEYS[1], 0, ARGV[3]) end
 local ttl = tonumber(ARGV[2])
 if p - tonumber(ARGV[1]) > ttl then ttl = p - tonumber(ARGV[1]) end
 redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
 return 1
 """
 # Raise pinned-until, keeping the key at least until then.
-_PIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
-if tonumber(ARGV[1]) > p then redis.call('HSET', KEYS[1], 'p', ARGV[1]) end
+_PIN = f"""
+local h = redis.call('GETRANGE', KEYS[1], 0, {2 * _NUM - 1})
+if #h < {2 * _NUM} then return 0 end
+local p = tonumber(string.sub(h, {_NUM + 1}, {2 * _NUM}))
+if tonumber(ARGV[1]) > p then redis.call('SETRANGE', KEYS[1], {_NUM}, ARGV[3]) end
 local left = math.ceil(tonumber(ARGV[1]) - tonumber(ARGV[2]))
 if left > redis.call('TTL', KEYS[1]) then redis.call('EXPIRE', KEYS[1], left) end
 return 1
@@ -162,6 +193,7 @@ class RemoteTier:
         self._password = password if password is not None else os.environ.get(PASSWORD_ENV) or None
         self._pool_size = pool_size
         self._lock = threading.Lock()
+        self._local = threading.local()  # a scratch buffer per io thread
         self._pending: dict[bytes, float] = {}  # key -> last access not yet sent
         self._up = threading.Event()
         self._stop = threading.Event()
@@ -182,7 +214,9 @@ class RemoteTier:
     # -- connection and breaker -------------------------------------------------------------
     def _connect(self):
         t = self.timeout_s
-        common = dict(socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0),
+        # RESP2: resp.py reads the replies of large values itself, and RESP2 has no pushes
+        # that could arrive between them.
+        common = dict(socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0), protocol=2,
                       health_check_interval=0, socket_read_size=SOCKET_READ_SIZE)
         seeds = [u.strip() for u in self.url.split(",")]
         if len(seeds) > 1:
@@ -213,28 +247,41 @@ class RemoteTier:
             self._wake.set()
         return reason
 
-    def _run(self, op: str, build: Callable, sent: int = 0) -> list:
-        """Runs one pipeline (``build(pipe)`` adds its commands); raises _Down when the server is
-        not asked or failed (counted), else returns the replies (errors inline)."""
+    def _call(self, op: str, fn: Callable[[], list], sent: int = 0) -> list:
+        """Runs one exchange ``fn`` (it returns one reply per command, errors inline); raises
+        _Down when the server is not asked or failed (counted), else returns the replies."""
         if not self._up.is_set():
             self.metrics.add("remote_errors", tier=self.name, reason="breaker_open")
             raise _Down
         t0 = time.perf_counter()
         try:
-            pipe = self.client.pipeline(transaction=False)
-            build(pipe)
-            out = pipe.execute(raise_on_error=False)
+            out = fn()
         except Exception as e:
             self._failed(e)
             raise _Down from None
         self.metrics.observe("remote_round_trip_seconds", time.perf_counter() - t0, op=op)
         self.metrics.add("remote_bytes", sent, tier=self.name, direction="out")
+        moved = False
         for r in out:
             if isinstance(r, Exception):
                 self._failed(r)
                 if _reason(r) in _BREAKING:
                     raise _Down
+                moved = moved or str(r).startswith(("MOVED", "ASK"))
+        if moved and isinstance(self.client, RedisCluster):
+            try:  # the cluster resharded: the next exchange asks the right shards
+                self.client.nodes_manager.initialize()
+            except Exception as e:
+                self._failed(e)
         return out
+
+    def _run(self, op: str, build: Callable, sent: int = 0) -> list:
+        """``_call`` of one redis-py pipeline (``build(pipe)`` adds its commands)."""
+        def go():
+            pipe = self.client.pipeline(transaction=False)
+            build(pipe)
+            return pipe.execute(raise_on_error=False)
+        return self._call(op, go, sent)
 
     def _background(self) -> None:
         """Reconnects with backoff while down; sends pending touches while up."""
@@ -283,12 +330,14 @@ class RemoteTier:
         if not keys:
             return []
         try:
-            replies = self._run("contains", lambda pipe: [pipe.hmget(self._k(k), "a", "p") for k in keys])
+            replies = self._run("contains", lambda pipe: [pipe.getrange(self._k(k), 0, 2 * _NUM - 1)
+                                                          for k in keys])
         except _Down:
             return [False] * (1 if stop_at_miss else len(keys))
         out = []
-        for k, (a, p) in zip(keys, replies):
-            out.append(self._live(k, a, p, now))
+        for k, h in zip(keys, replies):
+            head = _head(h) if isinstance(h, bytes) else None
+            out.append(head is not None and self._live(k, head[0], head[1], now))
             if stop_at_miss and not out[-1]:
                 break
         return out
@@ -303,23 +352,25 @@ class RemoteTier:
 
     def _get_batch(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
                    now: float | None) -> list[bool]:
+        names = [self._k(k) for k in keys]
+        got: list = [False] * len(keys)  # per key: True, False (a miss), "corrupt" or an error
+
+        def go():
+            for pool, idx in resp.node_groups(self.client, names):
+                with resp.exchange(pool) as (conn, reader):
+                    resp.send(conn, [resp.command("GET", names[i]) for i in idx])
+                    for i in idx:
+                        got[i] = self._read_block(reader, keys[i], outs[i], now)
+            return got
         try:
-            replies = self._run("get", lambda pipe: [pipe.hmget(self._k(k), "a", "p", "r") for k in keys])
+            self._call("get", go)
         except _Down:
             self.metrics.add("remote_misses", len(keys), tier=self.name)
             return [False] * len(keys)
-        ok, corrupt, nbytes = [], [], 0
-        for k, out, (a, p, rec) in zip(keys, outs, replies):
-            hit = rec is not None and self._live(k, a, p, now)
-            if hit:
-                nbytes += len(rec)
-                try:
-                    self.codec.decode(rec, out)
-                except (CorruptEntryError, ValueError):
-                    corrupt.append(k)
-                    hit = False
-            ok.append(hit)
-        self.metrics.add("remote_bytes", nbytes, tier=self.name, direction="in")
+        corrupt = [k for k, g in zip(keys, got) if g == "corrupt"]
+        ok = [g is True for g in got]
+        self.metrics.add("remote_bytes", sum(o.nbytes for o, hit in zip(outs, ok) if hit),
+                         tier=self.name, direction="in")
         self.metrics.add("remote_hits", ok.count(True), tier=self.name)
         self.metrics.add("remote_misses", ok.count(False), tier=self.name)
         if corrupt:
@@ -328,21 +379,79 @@ class RemoteTier:
             self._delete(corrupt)
         return ok
 
+    def _read_block(self, reader: resp.Reader, key: bytes, out: torch.Tensor,
+                    now: float | None) -> bool | str | Exception:
+        """Reads one GET reply into ``out``: True, False (absent or expired), ``"corrupt"``,
+        or the error the server replied. The reply is read to its end whatever it holds."""
+        n = reader.head()
+        if n is None or isinstance(n, Exception):
+            return False if n is None else n
+        left, got = n, True
+        try:
+            if left < _HEAD:
+                raise CorruptEntryError("value shorter than a block's head")
+            head = _head(reader.take(_HEAD))
+            left -= _HEAD
+            if head is None or head[2] > left:
+                raise CorruptEntryError("bad value head")
+            reader.skip(head[2])  # the metadata: entries() reads it
+            left -= head[2]
+            if not self._live(key, head[0], head[1], now):
+                got = False
+            else:
+                if left < PREFIX_SIZE:
+                    raise CorruptEntryError("record truncated")
+                prefix = reader.take(PREFIX_SIZE)
+                left -= PREFIX_SIZE
+                hlen = head_size(prefix) - PREFIX_SIZE
+                if hlen > left:
+                    raise CorruptEntryError("record truncated inside its header")
+                h = Codec.read_header(prefix + reader.take(hlen))
+                left -= hlen
+                out = Codec.output(h, out)
+                if Codec.verbatim(h) and left == out.nbytes:
+                    reader.into(byte_view(out))  # straight from the socket into the destination
+                    left = 0
+                    Codec.check_verbatim(h, out)
+                else:
+                    payload = self._scratch(left)
+                    reader.into(payload)
+                    left = 0
+                    self.codec.decode_payload(h, payload, out)
+        except (CorruptEntryError, ValueError):
+            got = "corrupt"
+        # Socket errors propagate from above without this: the connection is dropped.
+        reader.skip(left)
+        reader.end()
+        return got
+
+    def _scratch(self, nbytes: int) -> memoryview:
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._local.scratch = aligned_empty(max(nbytes, 1))
+        return memoryview(buf)[:nbytes]
+
     def entries(self) -> list[tuple[bytes, EntryMeta]]:
         """Every entry under this tier's prefix (a SCAN of every shard: an operator's call)."""
         self._send_touches()
         try:
             names = self._scan()
-            replies = self._run("scan", lambda pipe: [pipe.hmget(n, "m", "a", "p") for n in names])
+            replies = self._run("scan", lambda pipe: [pipe.getrange(n, 0, _SCAN_BYTES - 1)
+                                                      for n in names])
         except _Down:
             return []
         out = []
-        for n, (m, a, p) in zip(names, replies):
-            if m is None or a is None:
+        for n, v in zip(names, replies):
+            head = _head(v[:_HEAD]) if isinstance(v, bytes) and len(v) >= _HEAD else None
+            if head is None or _HEAD + head[2] > len(v):
+                continue  # gone since the scan, or not a block's value
+            a, p, ml = head
+            try:
+                key = bytes.fromhex(n[len(self.prefix):].decode())
+                ns, depth, parent, created, raw, stored = msgpack.unpackb(v[_HEAD:_HEAD + ml])
+            except ValueError:
                 continue
-            ns, depth, parent, created, raw, stored = msgpack.unpackb(m)
-            key = bytes.fromhex(n[len(self.prefix):].decode())
-            last = max(float(a), self._pending.get(key, 0.0))
+            last = max(a, self._pending.get(key, 0.0))
             out.append((key, EntryMeta(ns, depth, parent, created, last, raw, stored, float(p or 0))))
         return out
 
@@ -379,26 +488,33 @@ class RemoteTier:
     def _put_batch(self, entries: Sequence[BlockEntry]) -> list[bool]:
         todo = [e.block for e in entries if e.record is None]
         # zstd releases the GIL: encode on every core while the pipeline is built.
-        encoded = iter(list(self._encoders.map(self.codec.encode, todo)) if len(todo) > 1
-                       else [self.codec.encode(b) for b in todo])
-        records = [e.record if e.record is not None else next(encoded) for e in entries]
+        encoded = iter(list(self._encoders.map(self.codec.encode_parts, todo)) if len(todo) > 1
+                       else [self.codec.encode_parts(b) for b in todo])
+        records = [[e.record] if e.record is not None else next(encoded) for e in entries]
+        sizes = [sum(memoryview(p).nbytes for p in r) for r in records]
         expiry = max(1, int(self.ttl_s + 0.999))
+        names = [self._k(e.key) for e in entries]
+        values = []
+        for e, rec, size in zip(entries, records, sizes):
+            m = e.meta
+            meta = msgpack.packb([m.namespace_id, m.depth, m.parent, m.created, m.raw_bytes, size])
+            values.append([_num(m.last_access) + _num(m.pinned_until) + b"%04d" % len(meta) + meta,
+                           *rec])
+        replies: list = [None] * len(entries)
 
-        def build(pipe):
-            for e, rec in zip(entries, records):
-                m = e.meta
-                name = self._k(e.key)
-                pipe.hset(name, mapping={
-                    "r": rec, "a": repr(float(m.last_access)), "p": repr(float(m.pinned_until)),
-                    "m": msgpack.packb([m.namespace_id, m.depth, m.parent, m.created, m.raw_bytes,
-                                        len(rec)])})
-                pipe.expire(name, expiry)
+        def go():
+            for pool, idx in resp.node_groups(self.client, names):
+                with resp.exchange(pool) as (conn, reader):
+                    resp.send(conn, [p for i in idx for p in resp.set_value(names[i], values[i], expiry)])
+                    for i in idx:
+                        replies[i] = reader.reply()
+            return replies
         try:
-            replies = self._run("put", build, sum(len(r) for r in records))
+            self._call("put", go, sum(sizes))
         except _Down:
             self.metrics.add("dropped_writes", len(entries), tier=self.name, reason="io_error")
             return [False] * len(entries)
-        ok = [not isinstance(r, Exception) for r in replies[::2]]
+        ok = [not isinstance(r, Exception) for r in replies]
         self.metrics.add("dropped_writes", ok.count(False), tier=self.name, reason="io_error")
         return ok
 
@@ -416,7 +532,7 @@ class RemoteTier:
             return
         ttl = repr(float(self.ttl_s))
         try:
-            self._run("touch", lambda pipe: [pipe.eval(_TOUCH, 1, self._k(k), repr(t), ttl)
+            self._run("touch", lambda pipe: [pipe.eval(_TOUCH, 1, self._k(k), repr(t), ttl, _num(t))
                                              for k, t in touches.items()])
         except _Down:
             pass  # best effort: the server's expiry may then come a little early
@@ -426,8 +542,8 @@ class RemoteTier:
             return 0
         wall = repr(time.time())  # the server's expiry counts in wall time
         try:
-            replies = self._run("pin", lambda pipe: [pipe.eval(_PIN, 1, self._k(k), repr(float(until)), wall)
-                                                     for k in keys])
+            replies = self._run("pin", lambda pipe: [pipe.eval(_PIN, 1, self._k(k), repr(float(until)),
+                                                               wall, _num(until)) for k in keys])
         except _Down:
             return 0
         return sum(1 for r in replies if r == 1)

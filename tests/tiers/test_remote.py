@@ -37,9 +37,9 @@ def machine(tmp_path, name, url, *args):
 
 
 def open_remote(tmp_path, name, url, clock=time.time, **kw):
-    kw.setdefault("remote_timeout_s", TIMEOUT)
-    cfg = StoreConfig(path=tmp_path / name, block_tokens=BLOCK_TOKENS, host_bytes=64 * block_nbytes(),
-                      disk_bytes=1 << 22, remote_url=url, block_shape=SHAPE, dtype="bfloat16", **kw)
+    kw = {"remote_timeout_s": TIMEOUT, "host_bytes": 64 * block_nbytes(), "disk_bytes": 1 << 22, **kw}
+    cfg = StoreConfig(path=tmp_path / name, block_tokens=BLOCK_TOKENS, remote_url=url,
+                      block_shape=SHAPE, dtype="bfloat16", **kw)
     return KVStore.open(cfg, clock=clock)
 
 
@@ -81,6 +81,33 @@ def test_tenants_with_other_salts_never_read_each_others_blocks(tmp_path, server
         assert b.match(tokens, namespace=ns2).num_blocks == 0
         m = b.match(tokens, namespace=ns1)
         assert m.tiers == ("remote",) * 3 and all(same(x, y) for x, y in zip(b.get(m), bs))
+
+
+def test_machines_writing_other_remote_compressions_read_each_others_blocks(tmp_path, server):
+    """remote_compression is each machine's own: "none" stores the block verbatim, "zstd-hi"
+    compressed; each machine reads the other's bit-exact."""
+    from kvstore.codec import Codec
+    from kvstore.tiers import remote
+
+    tokens_a, tokens_b, bs = prompt(11, 4), prompt(12, 4), blocks(11, 4)
+    cfg = dict(host_bytes=0, disk_bytes=0)
+    with open_remote(tmp_path, "a", server.url, remote_compression="none", **cfg) as a, \
+            open_remote(tmp_path, "b", server.url, remote_compression="zstd-hi", **cfg) as b:
+        a.put(tokens_a, bs)
+        b.put(tokens_b, bs)
+        assert a.flush() and b.flush()
+        codecs = {}
+        for reader, writer, tokens in ((b, "a", tokens_a), (a, "b", tokens_b)):
+            m = reader.match(tokens)
+            assert m.tiers == ("remote",) * 4
+            assert all(same(x, y) for x, y in zip(reader.get(m), bs))
+            for k, block in zip(m.keys, bs):
+                value = reader.tier("remote").client.get(reader.tier("remote")._k(k))
+                rec = value[remote._HEAD + remote._head(value[:remote._HEAD])[2]:]
+                codecs.setdefault(writer, set()).add(Codec.read_header(rec)["codec"])
+                verbatim = block.contiguous().view(torch.uint8).numpy().tobytes() in rec
+                assert verbatim == (writer == "a")
+    assert codecs == {"a": {"none"}, "b": {"zstd-hi"}}
 
 
 @pytest.mark.heavy

@@ -11,6 +11,7 @@ be met, and that each test holds only what the contract promises.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from kvstore.eviction import EntryMeta
 from kvstore.metrics import Metrics
 from kvstore.tiers.base import BlockEntry, Evicted, Tier
 from kvstore.tiers.disk import DiskTier, entry_cost
+from kvstore.tiers import remote
 from kvstore.tiers.remote import RemoteTier
 from kvstore.tiers.slab import SlabTier
 
@@ -71,23 +73,29 @@ def _damage_disk_record(tier: DiskTier, key: bytes, kind: str) -> None:
         tier.env.write(txn_fn)
 
 
-def _remote(path: Path, n: int, ttl_s: float, dtype: torch.dtype, server=None) -> RemoteTier:
-    # A key prefix of its own: every tier sees an empty server.
-    tier = RemoteTier(server.url, ttl_s, 1.0, Codec(), Metrics(), prefix=f"test:{path.parent.name}:{path.name}:")
+def _remote(path: Path, n: int, ttl_s: float, dtype: torch.dtype, server=None,
+            codec: Codec | None = None) -> RemoteTier:
+    # A key prefix of its own: every tier sees an empty server. The default codec is the one a
+    # store gives its remote tier (remote_compression="none": the block verbatim).
+    codec = codec or Codec("none", byte_split=False)
+    tier = RemoteTier(server.url, ttl_s, 1.0, codec, Metrics(), prefix=f"test:{path.parent.name}:{path.name}:")
     tier.configure(SHAPE, dtype)
     return tier
 
 
 def _damage_remote_record(tier: RemoteTier, key: bytes, kind: str) -> None:
+    """Damages the record inside the block's value (after the head and the metadata)."""
     name = tier._k(key)
-    rec = bytearray(tier.client.hget(name, "r"))
+    value = tier.client.get(name)
+    start = remote._HEAD + remote._head(value[:remote._HEAD])[2]
+    rec = bytearray(value[start:])
     if kind == "garbage":
         rec = bytearray(b"not a record at all")
     elif kind == "flipped_bit":
         rec[-1] ^= 0x01
     elif kind == "truncated":
         rec = rec[:len(rec) // 2]
-    tier.client.hset(name, "r", bytes(rec))
+    tier.client.set(name, value[:start] + bytes(rec), keepttl=True)
 
 
 def _reference(path: Path, n: int, ttl_s: float, dtype: torch.dtype) -> ReferenceTier:
@@ -119,6 +127,9 @@ FACTORIES = [
     TierFactory("reference", _reference, holds_tensors=True),
     TierFactory("remote", _remote, holds_tensors=False, damage=_damage_remote_record,
                 own_budget=False, needs_server=True),
+    TierFactory("remote-zstd-hi", functools.partial(_remote, codec=Codec("zstd-hi")),
+                holds_tensors=False, damage=_damage_remote_record, own_budget=False,
+                needs_server=True),
 ]
 pytestmark = pytest.mark.parametrize("factory", FACTORIES, ids=[f.id for f in FACTORIES])
 
