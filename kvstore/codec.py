@@ -24,6 +24,7 @@ compressor and one scratch buffer per thread.
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 from collections.abc import Mapping
@@ -310,8 +311,8 @@ class Codec:
             if h["codec"] not in codecs or not isinstance(h["xxh"], bytes) \
                     or not isinstance(h["pxh"], bytes):
                 raise ValueError("bad codec or checksum field")
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if n != itemsize * int(np.prod(shape)) or planes not in (1, itemsize):
+            itemsize = dtype.itemsize
+            if n != itemsize * math.prod(shape) or planes not in (1, itemsize):
                 raise ValueError("length, shape and planes disagree")
             if h["v"] == 2:
                 raw, cs, ch = h["raw"], int(h["cs"]), [int(c) for c in h["ch"]]
@@ -369,13 +370,14 @@ class Codec:
         return h["v"] == 1 and h["codec"] == "none" and h["planes"] == 1
 
     @staticmethod
-    def check_verbatim(h: dict[str, Any], dst: torch.Tensor) -> None:
-        """Checks a verbatim record's payload, already in ``dst``, against its checksums.
+    def check_verbatim(h: dict[str, Any], data: np.ndarray) -> None:
+        """Checks a verbatim record's payload, already read into ``data`` (the destination's
+        ``byte_view``), against its checksums.
 
         Raises:
             CorruptEntryError: the bytes differ from those the record was written with.
         """
-        if xxhash.xxh3_64_digest(byte_view(dst)) != h["pxh"]:
+        if xxhash.xxh3_64_digest(data) != h["pxh"]:
             raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
         if h["pxh"] != h["xxh"]:
             raise CorruptEntryError("checksum mismatch: the record's bytes were altered")

@@ -1,7 +1,9 @@
 """``python -m tools.bench remote``: the remote tier against a local valkey-server started here.
 
 The limit is measured in the same run with the same client library (redis-py + hiredis, same
-socket settings, ``SOCKET_READ_SIZE`` reads): pipelined SETs and GETs of the same blocks' uncompressed bytes. Figures:
+socket settings, ``SOCKET_READ_SIZE`` reads): pipelined SETs and GETs of the same blocks'
+uncompressed bytes, in rounds that alternate each figure with its limit (store, load and limits
+are the rounds' medians, each ratio the median of the rounds' ratios). Figures:
 
 - store: ``put`` + ``flush`` of a prompt's blocks into a store whose only tier is the remote one
   (stage, encode, pipelined SET), as a ratio to the raw SET; target >= 0.9.
@@ -16,6 +18,7 @@ socket settings, ``SOCKET_READ_SIZE`` reads): pipelined SETs and GETs of the sam
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +32,6 @@ from kvstore import KVStore, StoreConfig
 from kvstore.codec import byte_view
 from kvstore.tiers.remote import SOCKET_READ_SIZE
 
-from .timing import best
 from .valkey_server import ValkeyServer
 
 TARGETS = {"store_ratio": 0.9, "load_ratio": 1.0, "match_round_trips": 1, "breaker_added_ms": 1.0}
@@ -43,7 +45,7 @@ def _store(path: Path, url: str, bt: int, blocks: list[torch.Tensor], **kw) -> K
     return KVStore.open(cfg)
 
 
-def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> dict:
+def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200, rounds: int = 5) -> dict:
     n = len(blocks)
     total = sum(b.nbytes for b in blocks)
     tokens = list(range(n * block_tokens))
@@ -65,9 +67,10 @@ def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> d
                 p.get(f"raw:{i}")
             p.execute()
 
-        set_s = best(raw_set, repeat=3, setup=lambda: client.flushall())
-        get_s = best(raw_get, repeat=3)
-        client.flushall()
+        def timed(fn) -> float:
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
 
         runs = iter(range(1000))
 
@@ -92,18 +95,31 @@ def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> d
                 trips = sum(h["count"] for k, h in rt.items() if dict(k)["op"] == "contains")
                 return dt, trips
 
-        def store_and_load(**kw):
-            store_s = min(put(**kw) for _ in range(3) if not client.flushall() or True)
-            put(**kw)  # leave the blocks on the server
-            loads = [load(**kw) for _ in range(3)]
-            stored = sum(int(server.command("MEMORY", "USAGE", k) or 0)
-                         for k in server.command("KEYS", "kvstore:*"))
-            return store_s, min(t for t, _ in loads), loads[0][1], stored
-
+        # Rounds that alternate each figure with its limit, medians of each: this machine's
+        # loopback speed drifts 2x within minutes, so a limit measured once is not the limit
+        # the store met.
+        rows = []
+        for _ in range(rounds):
+            # Each write into a server just emptied (its freed memory reused alike; a held
+            # block is not sent again); both reads from a server that holds both copies.
+            client.flushall()
+            set_s = timed(raw_set)
+            client.flushall()
+            store_s = put()
+            raw_set()
+            get_s = timed(raw_get)
+            load_s, trips = load()
+            rows.append((set_s, store_s, get_s, load_s))
+        stored = sum(int(server.command("MEMORY", "USAGE", k) or 0)
+                     for k in server.command("KEYS", "kvstore:*"))
         # The other codec a machine may choose, for the trade-off (bytes on the server vs time).
-        zs, zl, _, zstored = store_and_load(remote_compression="zstd-hi")
-        client.flushall()
-        store_s, load_s, trips, stored = store_and_load()
+        zs = statistics.median(put(remote_compression="zstd-hi") for _ in range(3)
+                               if not client.flushall() or True)
+        zl = statistics.median(load(remote_compression="zstd-hi")[0] for _ in range(3))
+        zstored = sum(int(server.command("MEMORY", "USAGE", k) or 0)
+                      for k in server.command("KEYS", "kvstore:*"))
+        set_s, store_s, get_s, load_s = (statistics.median(c) for c in zip(*rows))
+
         # Breaker open: a match with the server dead vs with no remote tier at all.
         def per_match(store) -> float:
             store.match(tokens)
@@ -128,8 +144,11 @@ def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> d
                     "stored_bytes_on_server": zstored},
         "match_ms_no_remote": base_s * 1e3, "match_ms_breaker_open": dead_s * 1e3,
     }
-    r["store_ratio"] = r["store_GBps"] / r["raw_set_GBps"]
-    r["load_ratio"] = r["load_GBps"] / r["raw_get_GBps"]
+    # Each round's GB/s: store and its limit, load and its limit (the ratios are of a round's own).
+    r["rounds"] = [{"raw_set_GBps": total / a / 1e9, "store_GBps": total / b / 1e9,
+                    "raw_get_GBps": total / c / 1e9, "load_GBps": total / d / 1e9} for a, b, c, d in rows]
+    r["store_ratio"] = statistics.median(x["store_GBps"] / x["raw_set_GBps"] for x in r["rounds"])
+    r["load_ratio"] = statistics.median(x["load_GBps"] / x["raw_get_GBps"] for x in r["rounds"])
     r["breaker_added_ms"] = r["match_ms_breaker_open"] - r["match_ms_no_remote"]
     r["targets"] = TARGETS
     return r
@@ -138,7 +157,8 @@ def run(blocks: list[torch.Tensor], block_tokens: int, requests: int = 200) -> d
 def show(r: dict) -> None:
     t = r["targets"]
     print(f"remote tier, {r['blocks']} blocks of {r['block_bytes'] / 2**20:.2f} MiB "
-          f"(server holds {r['stored_bytes_on_server'] / 2**20:.1f} MiB)")
+          f"(server holds {r['stored_bytes_on_server'] / 2**20:.1f} MiB), medians of "
+          f"{len(r['rounds'])} rounds")
     print(f"  store {r['store_GBps']:.3f} GB/s vs raw pipelined SET {r['raw_set_GBps']:.3f} GB/s: "
           f"ratio {r['store_ratio']:.2f} (target >= {t['store_ratio']})")
     print(f"  load  {r['load_GBps']:.3f} GB/s vs raw pipelined GET {r['raw_get_GBps']:.3f} GB/s: "

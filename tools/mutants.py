@@ -290,7 +290,7 @@ MUTATIONS = (
     Mutation(
         "remote_verbatim_record_not_verified",
         "a verbatim remote record, read straight into the destination, is still checksummed",
-        (("kvstore/tiers/remote.py", "                    Codec.check_verbatim(h, out)\n",
+        (("kvstore/tiers/remote.py", "                    Codec.check_verbatim(h, data)\n",
           "                    pass\n"),),
         ("tests/tiers/test_tier_contract.py",), keyword="damaged and remote"),
     Mutation(

@@ -410,9 +410,10 @@ class RemoteTier:
                 left -= hlen
                 out = Codec.output(h, out)
                 if Codec.verbatim(h) and left == out.nbytes:
-                    reader.into(byte_view(out))  # straight from the socket into the destination
+                    data = byte_view(out)
+                    reader.into(data)  # straight from the socket into the destination
                     left = 0
-                    Codec.check_verbatim(h, out)
+                    Codec.check_verbatim(h, data)
                 else:
                     payload = self._scratch(left)
                     reader.into(payload)

@@ -1,6 +1,7 @@
 """The benchmark commands run end to end (figures are printed, never asserted: see docs/benchmarks.md)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -40,12 +41,19 @@ def test_tiers_benchmark_quick_run_reports_every_figure(tmp_path):
 @pytest.mark.heavy
 def test_remote_benchmark_quick_run_reports_ratios_of_its_own_figures(tmp_path):
     r = quick_run("remote")
-    assert r["store_ratio"] == pytest.approx(r["store_GBps"] / r["raw_set_GBps"], rel=1e-6)
-    assert r["load_ratio"] == pytest.approx(r["load_GBps"] / r["raw_get_GBps"], rel=1e-6)
+    rounds = r["rounds"]
+    assert len(rounds) >= 3  # each ratio: the median of its rounds' own quotients
+    assert r["store_ratio"] == pytest.approx(
+        statistics.median(x["store_GBps"] / x["raw_set_GBps"] for x in rounds), rel=1e-6)
+    assert r["load_ratio"] == pytest.approx(
+        statistics.median(x["load_GBps"] / x["raw_get_GBps"] for x in rounds), rel=1e-6)
+    assert r["store_GBps"] == pytest.approx(statistics.median(x["store_GBps"] for x in rounds), rel=0.5)
     assert r["breaker_added_ms"] == pytest.approx(r["match_ms_breaker_open"] - r["match_ms_no_remote"])
     assert r["match_round_trips"] == 1 and r["blocks"] == 16
-    # The server holds compressed records: fewer bytes than the raw blocks plus key overhead.
-    assert 0 < r["stored_bytes_on_server"] < r["blocks"] * r["block_bytes"] * 1.05
+    # Verbatim records by default: the raw bytes and small heads; zstd-hi fewer bytes.
+    raw = r["blocks"] * r["block_bytes"]
+    assert raw <= r["stored_bytes_on_server"] < raw * 1.05
+    assert 0 < r["zstd_hi"]["stored_bytes_on_server"] < 0.9 * raw
 
 
 @pytest.mark.engine
