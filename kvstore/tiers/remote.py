@@ -308,8 +308,10 @@ class RemoteTier:
                 wait = min(2 * wait, BACKOFF_S[1])
 
     def status(self) -> dict:
-        """The server (password redacted), whether it answers now, and the last fault seen."""
-        return {"server": self.server, "reachable": self.reachable, "last_error": self.last_error}
+        """The server (password redacted), whether it answers now, the last fault seen, and how
+        this machine writes its records (``remote_compression``)."""
+        return {"server": self.server, "reachable": self.reachable, "last_error": self.last_error,
+                "compression": self.codec.compression}
 
     def _k(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()

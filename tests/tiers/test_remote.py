@@ -257,8 +257,10 @@ def test_stats_shows_the_remote_tier_and_purge_reaches_it(tmp_path, server, kv, 
     assert code == 0, data
     r = data["tiers"]["remote"]
     assert r["entries"] == 5 and r["reachable"] and "pw@" not in r["server"] and "***" in r["server"]
+    assert r["compression"] == "none"  # this machine's remote_compression (the default)
     code, text, _ = kv("stats", "--path", tmp_path / "a")
     assert "remote tier" in text and "5 blocks" in text and "reachable" in text
+    assert "remote_compression none" in text
     code, _, _ = kv("purge", "--path", tmp_path / "a", "--namespace", gone)
     assert code == 0
     with open_remote(tmp_path, "b", server.url) as b:  # another machine sees the purge

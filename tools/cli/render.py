@@ -127,7 +127,8 @@ def stats_text(data: dict) -> str:
         rc = lifetime["remote"]
         errs = ", ".join(f"{k} {v:.0f}" for k, v in sorted(rc["errors"].items())) or "none"
         lines += [
-            f"remote tier  {r['server']}  {'reachable' if r['reachable'] else 'UNREACHABLE (' + r['last_error'] + ')'}",
+            f"remote tier  {r['server']}  {'reachable' if r['reachable'] else 'UNREACHABLE (' + r['last_error'] + ')'}"
+            + (f"; remote_compression {r['compression']}" if "compression" in r else ""),
             f"             {r['entries']} blocks, {human_bytes(r['bytes'])} stored under this prefix; "
             f"hits {rc['hits']:.0f}, misses {rc['misses']:.0f}, errors {errs}",
         ]
