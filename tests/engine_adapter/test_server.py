@@ -281,11 +281,17 @@ def test_a_restarted_server_serves_from_disk(tmp_path, smollm2):
     kw = dict(model=MODEL, messages=msgs, max_tokens=12, temperature=0.8, seed=7)
     with ServerProcess(tmp_path / "kv") as s:
         first = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600).chat.completions.create(**kw)
-    with ServerProcess(tmp_path / "kv") as s:
-        again = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600).chat.completions.create(**kw)
+    with ServerProcess(tmp_path / "kv") as s2:
+        again = OpenAI(base_url=s2.base_url, api_key="x", max_retries=0, timeout=600).chat.completions.create(**kw)
+        seen = {"hit_tokens": s2.metric("kvstore_hit_tokens_total", tier="disk"),
+                "corrupt_records": s2.metric("kvstore_corrupt_records_total", tier="disk"),
+                "load_failed_blocks": s2.metric("kvstore_load_failed_blocks_total"),
+                "requests": s2.metric("kvstore_requests_total")}
     ids = chat_ids(smollm2[1], msgs)
     assert first.usage.prompt_cache_hit_tokens == 0
-    assert again.usage.prompt_cache_hit_tokens == (len(ids) - 1) // BT * BT
+    # On a failure, what each server said (faults are logged) and what the second one's disk did.
+    why = f"second server's disk: {seen}\nfirst log:\n{''.join(s.log[-20:])}\nsecond log:\n{''.join(s2.log[-20:])}"
+    assert again.usage.prompt_cache_hit_tokens == (len(ids) - 1) // BT * BT, why
     assert again.choices[0].message.content == first.choices[0].message.content
 
 
