@@ -129,7 +129,8 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 
 
 def create_app(service: Service, tenants: Tenants, max_queue: int = 16) -> FastAPI:
-    """The ASGI app serving ``service``; its engine thread starts now and stops at shutdown."""
+    """The ASGI app serving ``service``; its engine thread starts now, and at shutdown it stops
+    and the store closes (queued writes land on disk before the process exits)."""
     engine = EngineLoop(max_queue)
     metrics = service.store.metrics
     registry = CollectorRegistry()
@@ -140,6 +141,10 @@ def create_app(service: Service, tenants: Tenants, max_queue: int = 16) -> FastA
         yield
         engine.close()
         service.answers.close()
+        # Here, not after serve() returns: on SIGTERM uvicorn re-raises the signal once the
+        # lifespan ends, so the process dies before main()'s finally; closing now drains the
+        # write-behind queue and persists the lifetime counters. close() is idempotent.
+        service.store.close()
 
     app = FastAPI(title="kvstore engine server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)

@@ -212,6 +212,11 @@ MUTATIONS = (
           "AnswerBook(settings.answer_book, None)"),),
         ("tests/engine_adapter/test_server.py",), keyword="outlive_a_restart"),
     Mutation(
+        "server_sigterm_skips_close",
+        "a server stopped by SIGTERM drains its queued writes to disk and keeps its counters",
+        (("engine_adapter/server.py", "        service.answers.close()\n        # Here", "        service.answers.close()\n        return\n        # Here"),),
+        ("tests/engine_adapter/test_server.py",), keyword="restarted_server"),
+    Mutation(
         "answer_log_unverified",
         "a torn or corrupt answer-log record is skipped, never read back as ids",
         (("engine_adapter/answers.py", "                    or xxhash.xxh64_intdigest(body) != digest):",

@@ -6,6 +6,8 @@ ids, errors (400, 404, 401, 429), tenants isolated, cancellation, restart from d
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -279,15 +281,21 @@ def test_tenants_need_a_key_and_never_share(tmp_path):
 def test_a_restarted_server_serves_from_disk(tmp_path, smollm2):
     msgs = doc_messages(sc.DOC_QUESTIONS[1])
     kw = dict(model=MODEL, messages=msgs, max_tokens=12, temperature=0.8, seed=7)
-    with ServerProcess(tmp_path / "kv") as s:
+    # zstd level 19 writes these 2.9 MB blocks at a few MB/s, so the SIGTERM that stops the first
+    # server always finds blocks still queued: they reach disk only if shutdown drains the queue.
+    with ServerProcess(tmp_path / "kv", config="[kvstore]\nzstd_level = 19\n", tmp=tmp_path) as s:
         first = OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=600).chat.completions.create(**kw)
+    ids = chat_ids(smollm2[1], msgs)
+    stats = json.loads(subprocess.run([sys.executable, "-m", "tools.cli", "stats", "--json", "--path", str(tmp_path / "kv")],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert stats["tiers"]["disk"]["entries"] == (len(ids) - 1) // BT, stats["tiers"]["disk"]
+    assert stats["counters"]["requests"] == 1 and stats["counters"]["miss_tokens"] == len(ids), stats["counters"]
     with ServerProcess(tmp_path / "kv") as s2:
         again = OpenAI(base_url=s2.base_url, api_key="x", max_retries=0, timeout=600).chat.completions.create(**kw)
         seen = {"hit_tokens": s2.metric("kvstore_hit_tokens_total", tier="disk"),
                 "corrupt_records": s2.metric("kvstore_corrupt_records_total", tier="disk"),
                 "load_failed_blocks": s2.metric("kvstore_load_failed_blocks_total"),
                 "requests": s2.metric("kvstore_requests_total")}
-    ids = chat_ids(smollm2[1], msgs)
     assert first.usage.prompt_cache_hit_tokens == 0
     # On a failure, what each server said (faults are logged) and what the second one's disk did.
     why = f"second server's disk: {seen}\nfirst log:\n{''.join(s.log[-20:])}\nsecond log:\n{''.join(s2.log[-20:])}"
