@@ -364,3 +364,35 @@ def test_batches_larger_than_one_pipeline_arrive_whole_and_in_place(server, monk
             assert same(out, bs[i]) if i is not None else not out.any()
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_large_verbatim_block_damaged_anywhere_is_a_counted_miss(server, where):
+    """A verbatim record is read from the socket straight into the destination, in many reads,
+    then checksummed there: a flipped byte anywhere (the first, which arrives in the reader's
+    buffer with the reply's head, one from the middle, the last) is caught, and the next reply
+    still reads whole."""
+    from kvstore.codec import Codec
+    from kvstore.eviction import EntryMeta
+    from kvstore.tiers import remote
+    from kvstore.tiers.base import BlockEntry
+
+    shape = (8, 2, 8, 64, 64)  # 2 MiB of bf16: many reads of the socket, past the reader's buffer
+    tier = remote.RemoteTier(server.url, 3600.0, 2.0, Codec("none", byte_split=False), prefix="test:big:")
+    try:
+        tier.configure(shape, torch.bfloat16)
+        g = torch.Generator().manual_seed(5)
+        bs = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(2)]
+        es = [BlockEntry(bytes([i]) * 16, b, EntryMeta(0, i, b"", 1.0, 1.0, b.nbytes)) for i, b in enumerate(bs)]
+        assert tier.put_many(es, 1.0) == [True, True]
+        name = tier._k(es[0].key)
+        value = bytearray(tier.client.get(name))
+        n = bs[0].nbytes  # verbatim: the value ends with the block's bytes
+        value[{"first": len(value) - n, "middle": len(value) - n // 2, "last": len(value) - 1}[where]] ^= 0x10
+        tier.client.set(name, bytes(value), keepttl=True)
+        outs = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(2)]
+        assert tier.get_many([es[0].key, es[1].key], outs, None) == [False, True]
+        assert same(outs[1], bs[1])
+        assert tier.metrics.value("corrupt_records", tier=tier.name) == 1
+    finally:
+        tier.close()
