@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lmdb
@@ -59,13 +60,13 @@ def raw_files_write(raws: list[np.ndarray], d: Path) -> float:
     return time.perf_counter() - t
 
 
-def raw_files_read(n: int, d: Path, dst: np.ndarray) -> float:
-    """Seconds to read the ``n`` block files of ``d`` in order, file ``i`` into ``dst[i]``
-    (``dst`` preallocated; a 1-D ``dst`` takes every file in turn)."""
+def raw_files_read(d: Path, dsts: Sequence[np.ndarray]) -> float:
+    """Seconds to read the block files of ``d`` in order, file ``i`` into the preallocated
+    ``dsts[i]`` (one buffer may stand for every file)."""
     t = time.perf_counter()
-    for i in range(n):
+    for i, dst in enumerate(dsts):
         with open(d / f"{i}.bin", "rb", buffering=0) as f:
-            f.readinto(memoryview(dst[i] if dst.ndim > 1 else dst))
+            f.readinto(memoryview(dst))
     return time.perf_counter() - t
 
 
@@ -115,26 +116,26 @@ def bench_blocks(blocks: list[torch.Tensor], wd: Path, drop_page_cache) -> dict:
         cold_s = time.perf_counter() - t
     assert len(got) == n and all(torch.equal(a, b) for a, b in zip(got, blocks)), "cold load"
     # The raw reads write the same bytes into the same places as the store's get: out stays right.
-    dst = byte_view(out).reshape(n, nbytes)
+    places = list(byte_view(out).reshape(n, nbytes))
     drop_page_cache(wd / "files")
-    raw_cold_s = raw_files_read(n, wd / "files", dst)
+    raw_cold_s = raw_files_read(wd / "files", places)
 
     # Warm: RAM tiers off, so every get decodes from the (hot) page cache.
     warm, raw_warm = [], []
     with KVStore.open(config(wd / "store", host_bytes=0, block_shape=shape, dtype=dtype)) as s:
         s.get(s.match(toks), out=out)  # pages hot
-        raw_files_read(n, wd / "files", dst)
+        raw_files_read(wd / "files", places)
         for _ in range(WARM_ROUNDS):
             t = time.perf_counter()
             got = s.get(s.match(toks), out=out)
             warm.append(time.perf_counter() - t)
             assert len(got) == n, "warm load"
-            raw_warm.append(raw_files_read(n, wd / "files", dst))
+            raw_warm.append(raw_files_read(wd / "files", places))
     warm_s, raw_warm_s = statistics.median(warm), statistics.median(raw_warm)
-    one = aligned_empty(nbytes)
-    raw_files_read(n, wd / "files", one)
-    one_buffer_s = raw_files_read(n, wd / "files", one)
-    assert torch.equal(out, torch.stack(blocks)), "the raw reads changed the loaded blocks"
+    one = [aligned_empty(nbytes)] * n
+    raw_files_read(wd / "files", one)
+    one_buffer_s = raw_files_read(wd / "files", one)
+    assert all(torch.equal(a, b) for a, b in zip(out, blocks)), "the raw reads changed the loaded blocks"
 
     gbps = lambda s: total / s / 1e9  # noqa: E731
     return {
