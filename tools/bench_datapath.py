@@ -6,9 +6,10 @@ figure beside the raw limit of the same uncompressed bytes measured in the same 
 - cold load: page cache dropped (``/proc/sys/vm/drop_caches`` as root, else
   ``posix_fadvise(DONTNEED)`` on the files after a sync), store reopened, ``match`` + ``get``
   into a preallocated tensor vs a raw cold sequential read of the file-per-block files, each
-  into its block's place in the same tensor (the job the store does);
+  into its block's place in the same tensor (the job the store does): medians of ``ROUNDS``
+  rounds that alternate the two;
 - warm load: RAM tiers off, page cache hot, vs a raw warm read of the same files into the same
-  places: medians of ``WARM_ROUNDS`` rounds that alternate the two. The read of every file into
+  places: medians of ``ROUNDS`` rounds that alternate the two. The read of every file into
   one reused buffer (it stays in the CPU's cache and never writes memory) is printed beside it;
   the earlier figures in docs/benchmarks.md used it as the limit;
 - bytes on disk: the disk tier's stored bytes over the raw bytes (bf16 and fp16).
@@ -34,7 +35,7 @@ from kvstore.codec import aligned_empty, byte_view
 MiB = 1 << 20
 TARGETS = {"store_vs_files": 1.0, "store_vs_lmdb": 1.0, "cold_load": 1.2, "warm_load": 0.5,
            "bytes_bf16": 0.75, "bytes_fp16": 0.90}
-WARM_ROUNDS = 3
+ROUNDS = 3  # cold and warm figures are medians of this many alternating rounds
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,25 +108,30 @@ def bench_blocks(blocks: list[torch.Tensor], wd: Path, drop_page_cache) -> dict:
     files_s = raw_files_write(raws, wd / "files")
     lmdb_s = raw_lmdb_put(raws, wd / "lmdb")
 
+    # Cold: medians of ROUNDS rounds that alternate the store's load with the raw read (one
+    # cold read of either swung 0.8-1.6 GB/s on these machines from one minute to the next).
     out = torch.zeros((n, *shape), dtype=blocks[0].dtype)
-    how = drop_page_cache(wd / "store" / "disk")
-    with KVStore.open(config(wd / "store", block_shape=shape, dtype=dtype)) as s:
-        t = time.perf_counter()
-        m = s.match(toks)
-        got = s.get(m, out=out)
-        cold_s = time.perf_counter() - t
-    assert len(got) == n and all(torch.equal(a, b) for a, b in zip(got, blocks)), "cold load"
-    # The raw reads write the same bytes into the same places as the store's get: out stays right.
     places = list(byte_view(out).reshape(n, nbytes))
-    drop_page_cache(wd / "files")
-    raw_cold_s = raw_files_read(wd / "files", places)
+    cold, raw_cold = [], []
+    for _ in range(ROUNDS):
+        how = drop_page_cache(wd / "store" / "disk")
+        with KVStore.open(config(wd / "store", block_shape=shape, dtype=dtype)) as s:
+            t = time.perf_counter()
+            m = s.match(toks)
+            got = s.get(m, out=out)
+            cold.append(time.perf_counter() - t)
+        assert len(got) == n and all(torch.equal(a, b) for a, b in zip(got, blocks)), "cold load"
+        # The raw read writes the same bytes into the same places as the store's get: out stays right.
+        drop_page_cache(wd / "files")
+        raw_cold.append(raw_files_read(wd / "files", places))
+    cold_s, raw_cold_s = statistics.median(cold), statistics.median(raw_cold)
 
     # Warm: RAM tiers off, so every get decodes from the (hot) page cache.
     warm, raw_warm = [], []
     with KVStore.open(config(wd / "store", host_bytes=0, block_shape=shape, dtype=dtype)) as s:
         s.get(s.match(toks), out=out)  # pages hot
         raw_files_read(wd / "files", places)
-        for _ in range(WARM_ROUNDS):
+        for _ in range(ROUNDS):
             t = time.perf_counter()
             got = s.get(s.match(toks), out=out)
             warm.append(time.perf_counter() - t)
@@ -144,7 +150,8 @@ def bench_blocks(blocks: list[torch.Tensor], wd: Path, drop_page_cache) -> dict:
         "raw_lmdb_put_GBps": gbps(lmdb_s),
         "store_vs_files": files_s / store_s, "store_vs_lmdb": lmdb_s / store_s,
         "cold_load_GBps": gbps(cold_s), "raw_cold_read_GBps": gbps(raw_cold_s),
-        "cold_load": raw_cold_s / cold_s,
+        "cold_load": raw_cold_s / cold_s, "cold_rounds_GBps": [gbps(x) for x in cold],
+        "raw_cold_rounds_GBps": [gbps(x) for x in raw_cold],
         "warm_load_GBps": gbps(warm_s), "raw_warm_read_GBps": gbps(raw_warm_s),
         "warm_load": raw_warm_s / warm_s, "raw_warm_read_one_buffer_GBps": gbps(one_buffer_s),
         "bytes_ratio": stored / total,
@@ -175,6 +182,10 @@ def _line(what: str, fig: str, limit: str, ratio: float, target: float, higher: 
             f"target {op} {target:.2f}  {'met' if met else 'MISSED'}")
 
 
+def _rounds(gbps: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in gbps)
+
+
 def show(r: dict) -> None:
     print(f"disk data path through the public API, 2 io threads, {r['machine']['cores']} cores")
     for name, d in r["sets"].items():
@@ -185,10 +196,11 @@ def show(r: dict) -> None:
         print(_line("durable store vs raw LMDB put", g("store_GBps"), g("raw_lmdb_put_GBps"),
                     d["store_vs_lmdb"], TARGETS["store_vs_lmdb"]))
         print(_line("cold load vs raw cold read", g("cold_load_GBps"), g("raw_cold_read_GBps"),
-                    d["cold_load"], TARGETS["cold_load"]))
+                    d["cold_load"], TARGETS["cold_load"])
+              + f"  (medians of {ROUNDS}: store {_rounds(d['cold_rounds_GBps'])}, raw {_rounds(d['raw_cold_rounds_GBps'])})")
         print(_line("warm load (RAM tiers off) vs warm read", g("warm_load_GBps"),
                     g("raw_warm_read_GBps"), d["warm_load"], TARGETS["warm_load"])
-              + f"  (medians of {WARM_ROUNDS}; into one reused buffer {g('raw_warm_read_one_buffer_GBps')})")
+              + f"  (medians of {ROUNDS}; into one reused buffer {g('raw_warm_read_one_buffer_GBps')})")
         print(_line("bytes on disk, bf16", f"{d['bytes_ratio']:.3f}x", "raw 1.000x",
                     d["bytes_ratio"], TARGETS["bytes_bf16"], higher=False))
     print(_line("bytes on disk, fp16 (1.4 MiB blocks)", f"{r['fp16_bytes_ratio']:.3f}x", "raw 1.000x",

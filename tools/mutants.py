@@ -76,9 +76,23 @@ MUTATIONS = (
     Mutation(
         "readahead_skipped",
         "a batch's cold records are requested from the kernel before they are decoded",
-        (("kvstore/tiers/disk/readahead.py", "        _madvise_fn(first, start + n - first, _MADV_WILLNEED)",
-          "        pass"),),
+        (("kvstore/tiers/disk/readahead.py",
+          "            _madvise_fn(first, min(CHUNK, end - first), _MADV_WILLNEED)", "            pass"),),
         ("tests/tiers/test_readahead.py",), keyword="will_need"),
+    Mutation(
+        "readahead_one_call",
+        "a record larger than the device's readahead is requested whole (in pieces of CHUNK)",
+        (("kvstore/tiers/disk/readahead.py",
+          "            _madvise_fn(first, min(CHUNK, end - first), _MADV_WILLNEED)",
+          "            _madvise_fn(first, end - first, _MADV_WILLNEED)\n            break"),),
+        ("tests/tiers/test_readahead.py",), keyword="larger_than"),
+    Mutation(
+        "lookups_before_decoding",
+        "a disk load decodes while the next records are read, not after looking all of them up",
+        (("kvstore/tiers/disk/tier.py",
+          "                    while ahead - len(asked[0][1]) >= READ_AHEAD:  # the rest is asked ahead",
+          "                    while False:"),),
+        ("tests/tiers/test_readahead.py",), keyword="ahead_of_the_decoder"),
     Mutation(
         "low_planes_compressed",
         "format 2 stores the low (mantissa) byte planes raw",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ...lazy_torch import torch
 from ...metrics import Metrics
 from ..base import BlockEntry, Evicted, EvictCallback, TierUsage
 from .env import NO_SPACE, LMDBEnv, LMDBError
-from .readahead import address, will_need
+from .readahead import will_need
 from .removals import RemovalLog
 from .schema import TIMES, TIMES_AT, Schema, Totals, entry_cost, unpack_meta
 
@@ -32,6 +33,10 @@ _PURGE_BATCH = 4096  # entries removed per purge transaction
 # Faults of a read: LMDB's, and OSError from adopting another process's map growth (resize.lock,
 # the data file's size). Either is a miss for the engine, never an exception.
 READ_FAULTS = (LMDBError, OSError)
+# Bytes of records a load requests from the kernel beyond the one it decodes (at least one
+# record). 2 MiB measured as well as 4 or 8 (cold loads of 128 1.4 MiB blocks,
+# docs/benchmarks.md); more only holds more pages in flight.
+READ_AHEAD = 2 << 20
 
 
 class DiskTier:
@@ -161,28 +166,40 @@ class DiskTier:
                  now: float | None = None) -> list[bool]:
         """Decodes each record into ``outs[i]`` (CPU tensors); corrupt ones are removed.
 
-        The pages of every record of the batch are requested from the kernel first, and the
-        records are then decoded in file order (readahead.py): cold reads run ahead of the
-        decoder instead of faulting each record in as it is decoded."""
+        Lookups run up to ``READ_AHEAD`` bytes of records ahead of the decoder, and each record's
+        pages are requested from the kernel when it is looked up (readahead.py): the disk reads
+        the next records while this thread decodes. (Looking a record up touches its first page:
+        doing all lookups first read the whole batch synchronously, a read-around at a time,
+        before the first decode; cold loads were the sum of the read and the decode.)"""
         ok = [False] * len(keys)
         corrupt: list[bytes] = []
+
+        def decode(i: int, rec) -> None:
+            try:
+                self.codec.decode(rec, outs[i])  # straight from the map: one copy
+                ok[i] = True
+            except (CorruptEntryError, ValueError):
+                corrupt.append(keys[i])
+
         try:
             with self.env.reading() as txn:
-                found = []
+                asked: deque = deque()  # (i, record): requested, not decoded yet
+                ahead = 0
                 for i, key in enumerate(keys):
                     if now is not None and self._live_meta(txn, key, now) is None:
                         continue
                     rec = txn.get(key, db=self._schema.records)
-                    if rec is not None:
-                        found.append((address(rec), i, rec))
-                found.sort(key=lambda f: f[0])
-                will_need(rec for _, _, rec in found)
-                for _, i, rec in found:
-                    try:
-                        self.codec.decode(rec, outs[i])  # straight from the map: one copy
-                        ok[i] = True
-                    except (CorruptEntryError, ValueError):
-                        corrupt.append(keys[i])
+                    if rec is None:
+                        continue
+                    will_need((rec,))
+                    asked.append((i, rec))
+                    ahead += len(rec)
+                    while ahead - len(asked[0][1]) >= READ_AHEAD:  # the rest is asked ahead
+                        j, r = asked.popleft()
+                        ahead -= len(r)
+                        decode(j, r)
+                for j, r in asked:
+                    decode(j, r)
         except READ_FAULTS:
             self.metrics.add("io_errors", tier=self.name)
         if corrupt:
