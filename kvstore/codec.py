@@ -120,31 +120,42 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
 _UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # little-endian: plane i is byte i in memory
 
 
-def _split_planes(raw: np.ndarray, split: np.ndarray) -> None:
-    """``split[i]`` = byte ``i`` of every element of ``raw`` (``split.shape[0]`` bytes each).
+def _split_planes(raw: np.ndarray, split: np.ndarray, wide: np.ndarray) -> None:
+    """``split[i]`` = byte ``i`` of every element of ``raw`` (``split.shape[0]`` bytes each);
+    ``wide`` is a scratch of one plane's length, of the elements' type.
 
-    Shifts on whole elements: 4x faster here than strided byte copies (6.2 vs 1.5 GB/s)."""
+    Shifts on whole elements: 4x faster here than strided byte copies. Each shifted plane is
+    narrowed by a plain copy (which keeps the low byte): a ufunc that casts its output held the
+    GIL, and the copies made the split 1.7x faster on one thread too."""
     planes = split.shape[0]
     if planes == 1:
         split[0] = raw
         return
     u = raw.view(_UINT[planes])
-    for i in range(planes):  # the cast to uint8 keeps the low byte of each shifted element
-        np.right_shift(u, 8 * i, out=split[i], casting="unsafe")
+    split[0][:] = u
+    w = wide[:len(u)]
+    for i in range(1, planes):
+        np.right_shift(u, 8 * i, out=w)
+        split[i][:] = w
 
 
-def _join_planes(parts: list[np.ndarray], out: np.ndarray) -> None:
-    """The inverse of ``_split_planes``: ``out`` (bytes) from its byte planes ``parts``.
+def _join_planes(parts: list[np.ndarray], out: np.ndarray, wide: np.ndarray) -> None:
+    """The inverse of ``_split_planes``: ``out`` (bytes) from its byte planes ``parts``;
+    ``wide`` is a scratch of at least one plane's length, of ``out``'s element type.
 
-    Shift-or on whole elements: 2x faster here than strided byte copies (4.6 vs 2.3 GB/s)."""
+    Shift-or on whole elements, 2x faster here than strided byte copies. Each plane is widened
+    by a plain copy first: a ufunc that casts its input held the GIL (two threads joined at
+    1.05x one thread's speed; with the copies 1.5-1.8x)."""
     if len(parts) == 1:
         out[:] = parts[0]
         return
     o = out.view(_UINT[len(parts)])
-    np.left_shift(parts[-1], 8 * (len(parts) - 1), out=o, dtype=o.dtype)
-    for i in range(len(parts) - 2, 0, -1):
-        np.bitwise_or(o, np.left_shift(parts[i], 8 * i, dtype=o.dtype), out=o)
-    np.bitwise_or(o, parts[0], out=o)
+    o[:] = parts[0]
+    w = wide[:len(o)]
+    for i in range(1, len(parts)):
+        w[:] = parts[i]
+        np.left_shift(w, 8 * i, out=w)
+        np.bitwise_or(o, w, out=o)
 
 
 class Codec:
@@ -190,11 +201,16 @@ class Codec:
             d = self._local.dctx = zstandard.ZstdDecompressor()
         return d
 
-    def _scratch(self, nbytes: int) -> np.ndarray:
-        buf = getattr(self._local, "scratch", None)
+    def _scratch(self, nbytes: int, name: str = "scratch") -> np.ndarray:
+        buf = getattr(self._local, name, None)
         if buf is None or buf.nbytes < nbytes:
-            buf = self._local.scratch = aligned_empty(nbytes)
+            buf = aligned_empty(nbytes)
+            setattr(self._local, name, buf)
         return buf[:nbytes]
+
+    def _wide(self, n: int, planes: int) -> np.ndarray:
+        """A per-thread scratch of ``n`` elements of ``planes`` bytes (for ``_join_planes``)."""
+        return self._scratch(n * planes, "wide").view(_UINT.get(planes, np.uint8))
 
     def encode(self, block: torch.Tensor) -> bytes:
         """The record of ``block`` (any device; copied to the CPU if needed).
@@ -223,7 +239,7 @@ class Codec:
             return [self._encode_v2(name, block, raw, planes)]
         if planes > 1:
             body = self._scratch(raw.nbytes)
-            _split_planes(raw, body.reshape(planes, -1))
+            _split_planes(raw, body.reshape(planes, -1), self._wide(raw.nbytes // planes, planes))
         else:
             body = raw
         if self.compression == "zstd":
@@ -250,7 +266,7 @@ class Codec:
     def _encode_v2(self, name: str, block: torch.Tensor, raw: np.ndarray, planes: int) -> bytes:
         per = raw.nbytes // planes
         split = self._scratch(raw.nbytes).reshape(planes, per)
-        _split_planes(raw, split)
+        _split_planes(raw, split, self._wide(per, planes))
         raw_planes = list(range(planes // 2))  # the low (mantissa) half; none for 1-byte dtypes
         cs = self.chunk
         chunks = [memoryview(split[i, a:a + cs]) for i in range(planes) if i not in raw_planes
@@ -392,10 +408,12 @@ class Codec:
         """
         dst = byte_view(out)
         payload = memoryview(payload)
-        if xxhash.xxh3_64_digest(payload) != h["pxh"]:
-            raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
         if h["v"] == 2:
+            # No pass over the payload: a damaged frame or raw plane decodes to other bytes,
+            # which the checksum of the decoded bytes catches (a tenth of a decode saved).
             data_sum = self._decode_v2(h, payload, dst)
+        elif xxhash.xxh3_64_digest(payload) != h["pxh"]:
+            raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
         elif self.verbatim(h) and len(payload) == h["n"]:
             dst[:] = np.frombuffer(payload, dtype=np.uint8)
             data_sum = h["pxh"]  # the payload is the data: its checksum was just verified
@@ -421,6 +439,7 @@ class Codec:
         frames = [payload[x:y] for x, y in zip(ends, ends[1:])]  # plane by plane, chunk by chunk
         nchunks = -(-per // cs)
         scratch = self._scratch(len(packed) * min(cs, per)).reshape(len(packed), -1)
+        wide = self._wide(min(cs, per), planes)
         data_sum = xxhash.xxh3_64()
         for c in range(nchunks):
             a, b = c * cs, min(per, c * cs + cs)
@@ -434,7 +453,7 @@ class Codec:
                 if got != b - a:
                     raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
             rows = dst[a * planes:b * planes]
-            _join_planes([parts[i] for i in range(planes)], rows)
+            _join_planes([parts[i] for i in range(planes)], rows, wide)
             data_sum.update(rows)
         return data_sum.digest()
 
@@ -454,7 +473,7 @@ class Codec:
         if got != n:
             raise CorruptEntryError(f"payload holds a wrong length, expected {n} bytes")
         if planes > 1:
-            _join_planes(list(body.reshape(planes, -1)), dst)
+            _join_planes(list(body.reshape(planes, -1)), dst, self._wide(n // planes, planes))
 
     def _decompress_into(self, payload: memoryview, body: np.ndarray) -> int:
         """Decompresses one frame straight into ``body``; returns the bytes written, -1 on excess."""
