@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -62,8 +63,13 @@ def rates(first: tuple, second: tuple) -> dict:
 
 @contextlib.contextmanager
 def _keys():
-    """A ``wait(seconds) -> quit?`` function: on a terminal it returns early, True, when ``q`` is
-    typed (the terminal in cbreak mode meanwhile, restored after); elsewhere it just sleeps."""
+    """A ``wait(seconds) -> quit?`` function: on a terminal it returns early, True, when ``q`` or
+    Ctrl-C is typed (the terminal in cbreak mode meanwhile, restored after); elsewhere it just
+    sleeps (and Ctrl-C raises KeyboardInterrupt).
+
+    On a terminal Ctrl-C raises nothing: its handler does nothing and the signal wakes ``wait``
+    through ``signal.set_wakeup_fd``, so it never lands inside the store's code as a
+    KeyboardInterrupt. (One that did once left top running after Ctrl-C, in CI.)"""
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     if fd is None:
         def sleep(seconds: float) -> bool:
@@ -71,19 +77,31 @@ def _keys():
             return False
         yield sleep
         return
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    os.set_blocking(woken, False)
+    handler = signal.signal(signal.SIGINT, lambda *_: None)
+    old_wake = signal.set_wakeup_fd(wake)
     saved = termios.tcgetattr(fd)
-    tty.setcbreak(fd)  # keys without Enter; Ctrl-C still interrupts
+    tty.setcbreak(fd)  # keys without Enter; Ctrl-C still sends SIGINT
 
     def wait(seconds: float) -> bool:
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            if select.select([fd], [], [], left)[0] and os.read(fd, 1) in (b"q", b"Q"):
+            ready = select.select([woken, fd], [], [], left)[0]
+            if woken in ready and signal.SIGINT in os.read(woken, 512):  # signal numbers
+                return True
+            if fd in ready and os.read(fd, 1) in (b"q", b"Q"):
                 return True
         return False
     try:
         yield wait
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        signal.set_wakeup_fd(old_wake)
+        signal.signal(signal.SIGINT, handler)
+        os.close(woken)
+        os.close(wake)
 
 
 def run(args: argparse.Namespace) -> Result:
