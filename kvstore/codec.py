@@ -209,7 +209,8 @@ class Codec:
         return buf[:nbytes]
 
     def _wide(self, n: int, planes: int) -> np.ndarray:
-        """A per-thread scratch of ``n`` elements of ``planes`` bytes (for ``_join_planes``)."""
+        """A per-thread scratch of ``n`` elements of ``planes`` bytes (for ``_split_planes`` and
+        ``_join_planes``; bytes when ``planes`` is 1, which neither touches)."""
         return self._scratch(n * planes, "wide").view(_UINT.get(planes, np.uint8))
 
     def encode(self, block: torch.Tensor) -> bytes:
