@@ -123,6 +123,13 @@ MUTATIONS = (
           "        pass\n"),),
         ("tests/reliability/test_full_disk.py",), keyword="drops_writes"),
     Mutation(
+        "map_grows_only_when_full",
+        "a batch larger than the map grows it before its transaction, which runs once",
+        (("kvstore/tiers/disk/env.py",
+          "            while room and not self._fits(room) and self._grow():\n",
+          "            while False:\n"),),
+        ("tests/tiers/test_disk.py",), keyword="overflows_the_map"),
+    Mutation(
         "write_queue_never_drops",
         "put never waits for disk: a full write queue drops and counts the block",
         (("kvstore/writeback.py",

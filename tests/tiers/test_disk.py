@@ -11,6 +11,8 @@ import torch
 
 from kvstore.codec import Codec
 from kvstore.errors import StoreOpenError
+from kvstore.eviction import EntryMeta
+from kvstore.tiers.base import BlockEntry
 from kvstore.tiers.disk import DiskTier
 
 from ..conftest import BLOCK_TOKENS as B, make_block
@@ -121,3 +123,26 @@ def test_no_process_shrinks_the_data_file_under_another_processs_map(open_store,
         peer.p.kill()
     got = s.get(s.match(list(range(30_000, 30_000 + 16 * B))))
     assert len(got) == 16 and all(torch.equal(g, b) for g, b in zip(got, big_blocks(16, 300)))
+
+
+def test_a_batch_that_overflows_the_map_grows_it_first_and_is_written_once(tmp_path):
+    # A fresh environment maps 1 MiB. A batch of several MiB used to fill the map, abort, grow
+    # it and run its whole transaction again (every doubling of a growing store paid one
+    # thrown-away transaction of up to 64 blocks); put_many asks for the room up front.
+    tier = DiskTier(tmp_path, 256 << 20, 3600.0, Codec("none"))
+    runs = []
+    write = tier.env.write
+    tier.env.write = lambda fn, **kw: write(lambda txn: (runs.append(1), fn(txn))[1], **kw)
+    blocks = big_blocks(24, 7)  # 3 MiB of records, none compressed
+    size = tier.env.info()["map_size"]
+    assert sum(b.nbytes for b in blocks) > size
+    entries = [BlockEntry(bytes([i]) * 16, b, EntryMeta(1, i, bytes([i - 1]) * 16 if i else b"",
+                                                        0.0, 1.0, b.nbytes))
+               for i, b in enumerate(blocks)]
+    assert tier.put_many(entries, 1.0) == [True] * 24
+    assert tier.env.info()["map_size"] > size
+    assert len(runs) == 1, f"the batch's transaction ran {len(runs)} times"
+    outs = [torch.empty_like(b) for b in blocks]
+    assert tier.get_many([e.key for e in entries], outs) == [True] * 24
+    assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
+    tier.close()

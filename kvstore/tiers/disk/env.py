@@ -343,6 +343,14 @@ class LMDBEnv:
             self._reserve(size)
             self._backed = size
 
+    def _fits(self, nbytes: int) -> bool:
+        """Whether a write transaction can take ``nbytes`` of pages without growing the map: in
+        the map's never-written pages, or with the free pages too (LMDB reuses free pages first,
+        though not those an open read transaction still sees: MapFullError stays possible)."""
+        info = self._env.info()
+        unused = info["map_size"] - (info["last_pgno"] + 1) * self._env.stat()["psize"]
+        return unused >= nbytes or unused + self.file_usage()["free_bytes"] >= nbytes
+
     def _grow(self) -> bool:
         """Doubles the map up to ``map_cap``, reserving the file space first; on a nearly full
         disk asks for less, down to _MIN_STEP. False at ``map_cap``.
@@ -379,14 +387,23 @@ class LMDBEnv:
             self._remap(max(self._env.info()["map_size"], (self.path / "data.mdb").stat().st_size))
 
     # -- transactions ------------------------------------------------------------------------------
-    def write(self, fn: Callable[[lmdb.Transaction], object]) -> object:
+    def write(self, fn: Callable[[lmdb.Transaction], object], room: int = 0) -> object:
         """Runs ``fn`` in a write transaction, growing the map on MapFullError. Call under
         ``lock``. ``fn`` may run more than once (an aborted transaction changed nothing).
+
+        ``room``: about how many bytes of pages ``fn`` writes. When the map cannot hold them
+        the map grows first: a transaction that fills the map is thrown away and run again
+        (a fresh store's first 62 MB of records cost two runs of their transaction).
 
         Raises lmdb.Error, or OSError (ENOSPC when the disk is full): nothing was written.
         """
         if self.readonly:
             raise PermissionError(f"{self.path}: disk tier opened read-only")
+        try:
+            while room and not self._fits(room) and self._grow():
+                pass
+        except OSError:
+            pass  # a nearly full disk: the transaction may fit all the same (MapFullError if not)
         for _ in range(32):
             try:
                 self._ensure_backed()

@@ -37,6 +37,7 @@ READ_FAULTS = (LMDBError, OSError)
 # record). 2 MiB measured as well as 4 or 8 (cold loads of 128 1.4 MiB blocks,
 # docs/benchmarks.md); more only holds more pages in flight.
 READ_AHEAD = 2 << 20
+PAGE = 4096  # what a record may take beyond its bytes (its last page), for the room a batch asks
 
 
 class DiskTier:
@@ -279,7 +280,8 @@ class DiskTier:
             touches = dict(self._pending)
             try:
                 stored, evicted = self.env.write(
-                    lambda txn: self._put_txn(txn, entries, records, now, touches, on_evict is not None))
+                    lambda txn: self._put_txn(txn, entries, records, now, touches, on_evict is not None),
+                    room=sum(e.meta.stored_bytes for e in entries) + PAGE * len(entries))
             except (LMDBError, OSError) as e:
                 self.metrics.add("dropped_writes", len(entries), tier=self.name,
                                  reason=self._count_fault(e))
