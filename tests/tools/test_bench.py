@@ -71,6 +71,11 @@ def test_datapath_benchmark_quick_run_prints_each_figure_beside_its_limit(tmp_pa
             assert 0 < d[fig] < 1e3 and 0 < d[limit] < 1e3
         assert d["cache_drop"] in ("drop_caches", "fadvise")
         assert 0 < d["raw_warm_read_one_buffer_GBps"] < 1e3
+        for fig, rounds in (("store_GBps", "store_rounds_GBps"),
+                            ("raw_files_write_GBps", "raw_files_write_rounds_GBps"),
+                            ("raw_lmdb_put_GBps", "raw_lmdb_put_rounds_GBps"),
+                            ("cold_load_GBps", "cold_rounds_GBps")):  # medians of their rounds
+            assert len(d[rounds]) == 3 and d[fig] == pytest.approx(statistics.median(d[rounds]), rel=1e-6)
     # bytes on disk as the store counts them: KV compresses (bf16 more than fp16), never grows
     assert 0 < r["sets"]["smollm2_bf16_1.4MiB"]["bytes_ratio"] < r["fp16_bytes_ratio"] < 1.0
     assert set(r["targets"]) == {"store_vs_files", "store_vs_lmdb", "cold_load", "warm_load",
