@@ -27,10 +27,6 @@ from .tiers.base import BlockEntry, EvictCallback, Tier
 log = logging.getLogger(__name__)
 BATCH_BLOCKS = 64  # most blocks a transaction of large blocks (1.4-8 MiB each)
 BATCH_BYTES = 4 << 20  # ... or of small blocks, counted in raw bytes
-# Bytes a submit stages before it wakes the writers, without waiting for its end: a put of many
-# large blocks is encoded and sent while the caller still copies (the copy of 90 MB was 20 ms
-# of a 60 ms store into Valkey); small-block puts still make one batch.
-STAGE_NOTIFY = 16 << 20
 
 
 class WriteBehind:
@@ -55,7 +51,6 @@ class WriteBehind:
                  after_batch: Callable[[], None] | None = None, on_evict: EvictCallback | None = None):
         self.tier, self.clock, self.metrics = tier, clock, metrics
         block_bytes = max(1, math.prod(block_shape) * torch.empty((), dtype=dtype).element_size())
-        self._block_bytes = block_bytes
         self.batch = batch or max(BATCH_BLOCKS, BATCH_BYTES // block_bytes)
         self._least = max(1, BATCH_BYTES // block_bytes)  # a share is never smaller
         self.after_batch, self.on_evict = after_batch, on_evict
@@ -70,7 +65,6 @@ class WriteBehind:
         self._queue: deque[tuple[BlockEntry, int]] = deque()
         self._queued: set[bytes] = set()
         self._inflight = 0
-        self._copying = 0  # slots reserved by a submit still copying into them
         self._stop = False
         self._threads = [threading.Thread(target=self._run, name=f"kvstore-writer-{i}", daemon=True)
                          for i in range(self._threads_wanted)]
@@ -95,12 +89,10 @@ class WriteBehind:
 
         The blocks are copied before this returns: the caller may reuse its buffers at once.
         An entry that carries its encoded record (and no block) is queued as it is, in a slot.
-        Each block is copied outside the lock and the writers are woken every STAGE_NOTIFY
-        bytes, so they encode and send the first blocks while the caller copies the rest.
         """
-        ok, unannounced = [], 0
-        for e in entries:
-            with self._cond:
+        ok = []
+        with self._cond:
+            for e in entries:
                 if e.key in self._queued:
                     ok.append(True)
                     continue
@@ -108,21 +100,13 @@ class WriteBehind:
                     ok.append(False)
                     continue
                 slot = self._free.pop()
-                self._queued.add(e.key)
-                self._copying += 1
-            if e.block is not None:
-                copy_block(self._staging[slot], e.block)
-                e = BlockEntry(e.key, self._staging[slot], e.meta)
-                unannounced += self._block_bytes
-            with self._cond:
+                if e.block is not None:
+                    copy_block(self._staging[slot], e.block)
+                    e = BlockEntry(e.key, self._staging[slot], e.meta)
                 self._queue.append((e, slot))
-                self._copying -= 1
-                if unannounced >= STAGE_NOTIFY:
-                    self._cond.notify_all()
-                    unannounced = 0
-            ok.append(True)
-        if any(ok):
-            with self._cond:
+                self._queued.add(e.key)
+                ok.append(True)
+            if any(ok):
                 self._cond.notify_all()
         dropped = ok.count(False)
         self.metrics.add("dropped_writes", dropped, tier=self.tier.name, reason="queue_full")
@@ -131,8 +115,7 @@ class WriteBehind:
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until everything submitted so far is written; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._inflight
-                                       and not self._copying, timeout)
+            return self._cond.wait_for(lambda: not self._queue and not self._inflight, timeout)
 
     def close(self) -> None:
         """Writes what is queued, then stops the threads."""

@@ -12,12 +12,6 @@ import pytest
 import torch
 
 from kvstore import KVStore, StoreConfig
-from kvstore.codec import Codec
-from kvstore.eviction import EntryMeta
-from kvstore.metrics import Metrics
-from kvstore.tiers.base import BlockEntry
-from kvstore.tiers.disk import DiskTier
-from kvstore.writeback import STAGE_NOTIFY, WriteBehind
 
 from .conftest import BLOCK_TOKENS as B, block_nbytes, make_block
 
@@ -342,45 +336,3 @@ def test_counters_outlive_the_process_and_add_up_across_processes(open_store):
     assert c["requests|"] == 3
     assert c["miss_tokens|"] == 2 * B + 1 and c["hit_tokens|tier=host"] == 2 * B
     assert c["hit_tokens|tier=disk"] == 2 * B  # the second process's hit came from disk
-
-
-def test_a_long_put_is_written_while_it_is_still_being_copied(tmp_path):
-    # The writers are woken every STAGE_NOTIFY staged bytes, not only when submit returns: a
-    # put of many large blocks is encoded and sent while the caller copies the rest. The
-    # entries here stop being handed to submit, past two notifications' worth, until the
-    # tier has started writing (with one wake-up at the end it never would: a timeout).
-    shape = (4, 64, 1024)  # 512 KiB of bf16 a block
-    tier = DiskTier(tmp_path, 1 << 30, 3600.0, Codec())
-    started = threading.Event()
-    put_many = tier.put_many
-    tier.put_many = lambda *a, **kw: (started.set(), put_many(*a, **kw))[1]
-    n = 4 * STAGE_NOTIFY // (512 << 10)
-    blocks = [make_block(i, shape=shape) for i in range(n)]
-    waited, now = [], time.time()
-
-    def entries():
-        for i, b in enumerate(blocks):
-            if i == n // 2:
-                waited.append(started.wait(10))
-            yield BlockEntry(bytes([i % 256, i // 256]) * 8, b, EntryMeta(1, i, b"", now, now, b.nbytes))
-    writer = WriteBehind(tier, n, shape, torch.bfloat16, 2, time.time, Metrics())
-    try:
-        assert writer.submit(_Lazy(entries)) == [True] * n
-        assert waited == [True], "the writers did not start before the submit ended"
-        assert writer.flush(60)
-        outs = [torch.empty_like(b) for b in blocks]
-        assert tier.get_many([bytes([i % 256, i // 256]) * 8 for i in range(n)], outs) == [True] * n
-        assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
-    finally:
-        writer.close()
-        tier.close()
-
-
-class _Lazy:
-    """A sequence whose items are made as it is iterated (submit iterates once)."""
-
-    def __init__(self, make):
-        self._make = make
-
-    def __iter__(self):
-        return self._make()

@@ -130,12 +130,6 @@ MUTATIONS = (
           "            while False:\n"),),
         ("tests/tiers/test_disk.py",), keyword="overflows_the_map"),
     Mutation(
-        "writers_wait_for_the_whole_put",
-        "a long put is encoded and written while the caller still copies its later blocks",
-        (("kvstore/writeback.py", "                if unannounced >= STAGE_NOTIFY:\n",
-          "                if False:\n"),),
-        ("tests/test_pipeline.py",), keyword="still_being_copied"),
-    Mutation(
         "write_queue_never_drops",
         "put never waits for disk: a full write queue drops and counts the block",
         (("kvstore/writeback.py",
