@@ -105,8 +105,7 @@ def bench_blocks(blocks: list[torch.Tensor], wd: Path, drop_page_cache) -> dict:
     # (this disk's write speed swung 0.3-1.4 GB/s from one minute to the next); the last
     # round's store and files stay for the loads.
     stores, files, lmdbs = [], [], []
-    for r in range(ROUNDS):
-        last = r == ROUNDS - 1
+    for _ in range(ROUNDS):
         for d in ("store", "files", "lmdb"):
             shutil.rmtree(wd / d, ignore_errors=True)
         with KVStore.open(config(wd / "store", block_shape=shape, dtype=dtype)) as s:
@@ -117,8 +116,7 @@ def bench_blocks(blocks: list[torch.Tensor], wd: Path, drop_page_cache) -> dict:
             stored = s.tier("disk").usage().bytes
         files.append(raw_files_write(raws, wd / "files"))
         lmdbs.append(raw_lmdb_put(raws, wd / "lmdb"))
-        if last:
-            shutil.rmtree(wd / "lmdb")
+    shutil.rmtree(wd / "lmdb")
     store_s, files_s, lmdb_s = (statistics.median(x) for x in (stores, files, lmdbs))
 
     # Cold: medians of ROUNDS rounds that alternate the store's load with the raw read (one
