@@ -387,14 +387,20 @@ class Codec:
         return h["v"] == 1 and h["codec"] == "none" and h["planes"] == 1
 
     @staticmethod
-    def check_verbatim(h: dict[str, Any], data: np.ndarray) -> None:
-        """Checks a verbatim record's payload, already read into ``data`` (the destination's
-        ``byte_view``), against its checksums.
+    def payload_hasher():
+        """A streaming hasher of a payload (``update(piece)`` as pieces arrive, in order):
+        what ``check_verbatim`` takes, so a reader hashes each piece while it is in cache."""
+        return xxhash.xxh3_64()
+
+    @staticmethod
+    def check_verbatim(h: dict[str, Any], hasher) -> None:
+        """Checks a verbatim record's payload, whose every byte went into ``hasher`` (from
+        ``payload_hasher``) as it was read into the destination, against its checksums.
 
         Raises:
             CorruptEntryError: the bytes differ from those the record was written with.
         """
-        if xxhash.xxh3_64_digest(data) != h["pxh"]:
+        if hasher.digest() != h["pxh"]:
             raise CorruptEntryError("payload checksum mismatch: the record's payload was altered")
         if h["pxh"] != h["xxh"]:
             raise CorruptEntryError("checksum mismatch: the record's bytes were altered")

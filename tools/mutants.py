@@ -138,6 +138,13 @@ MUTATIONS = (
           "                if self._stop:\n"),),
         ("tests/test_pipeline.py",), keyword="full_write_queue", timeout_s=40),
     Mutation(
+        "put_keeps_the_callers_buffer",
+        "put copies the blocks it queues (unless handed over): the caller may reuse its buffers",
+        (("kvstore/writeback.py",
+          "                if e.block is not None and (copy or not plain_cpu(e.block)):\n",
+          "                if e.block is not None and not plain_cpu(e.block):\n"),),
+        ("tests/test_pipeline.py",), keyword="copy_false"),
+    Mutation(
         "purge_skips_other_ram",
         "a purge in one process reaches the RAM tiers of the others",
         (("kvstore/store.py", "        if epoch == self._removals_seen:\n", "        if True:\n"),),
@@ -316,7 +323,7 @@ MUTATIONS = (
     Mutation(
         "remote_verbatim_record_not_verified",
         "a verbatim remote record, read straight into the destination, is still checksummed",
-        (("kvstore/tiers/remote.py", "                    Codec.check_verbatim(h, data)\n",
+        (("kvstore/tiers/remote.py", "                    Codec.check_verbatim(h, hasher)\n",
           "                    pass\n"),),
         ("tests/tiers/test_tier_contract.py",), keyword="damaged and remote"),
     Mutation(

@@ -412,10 +412,11 @@ class RemoteTier:
                 left -= hlen
                 out = Codec.output(h, out)
                 if Codec.verbatim(h) and left == out.nbytes:
-                    data = byte_view(out)
-                    reader.into(data)  # straight from the socket into the destination
+                    hasher = Codec.payload_hasher()
+                    # Straight from the socket into the destination, hashed piece by piece.
+                    reader.into(byte_view(out), hasher.update)
                     left = 0
-                    Codec.check_verbatim(h, data)
+                    Codec.check_verbatim(h, hasher)
                 else:
                     payload = self._scratch(left)
                     reader.into(payload)

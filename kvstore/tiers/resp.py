@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import redis
 from redis.cluster import RedisCluster
 
 _CRLF = b"\r\n"
 _SMALL = 64 << 10  # pieces shorter than this are joined before a send (one syscall, not many)
+_PIECE = 512 << 10  # most bytes one read takes when each piece is seen: they stay in L2
 
 
 def node_groups(client, names: Sequence[bytes]) -> list[tuple[redis.ConnectionPool, list[int]]]:
@@ -141,14 +142,21 @@ class Reader:
             return _error(rest)
         raise redis.exceptions.InvalidResponse(f"Protocol error: expected a bulk reply, got {line[:40]!r}")
 
-    def into(self, dst) -> None:
-        """Fills ``dst`` (a writable buffer) with the next ``len(dst)`` bytes of the reply."""
+    def into(self, dst, seen: Callable[[memoryview], object] | None = None) -> None:
+        """Fills ``dst`` (a writable buffer) with the next ``len(dst)`` bytes of the reply;
+        ``seen(piece)`` is called on each piece just after it lands, in order, while it is
+        still in the CPU's cache (a checksum there costs a third of one over cold memory)."""
         dst = memoryview(dst).cast("B")
         got = min(len(dst), self._b - self._a)
         dst[:got] = self._mv[self._a:self._a + got]
         self._a += got
+        if seen is not None and got:
+            seen(dst[:got])
         while got < len(dst):
-            got += self._recv_into(dst[got:])
+            k = self._recv_into(dst[got:got + _PIECE] if seen is not None else dst[got:])
+            if seen is not None:
+                seen(dst[got:got + k])
+            got += k
 
     def take(self, n: int) -> bytes:
         """The next ``n`` bytes of the reply."""
