@@ -254,6 +254,8 @@ class CachedLM:
                 return
             blocks = blocks_from_cache(res.cache, self.layout, start_block * bt,
                                                 n_full - start_block, bt)
-            self.store.put(all_ids[:n_full * bt], blocks, namespace=self.namespace, start_block=start_block)
+            # The blocks own their storage and are not used again: hand them over uncopied.
+            self.store.put(all_ids[:n_full * bt], blocks, namespace=self.namespace,
+                           start_block=start_block, copy=False)
         except Exception as e:  # best effort: the answer is already computed
             self.fault("store", e)

@@ -13,7 +13,8 @@ from .codec import byte_view
 from .lazy_torch import torch
 
 
-def _plain_cpu(t: torch.Tensor) -> bool:
+def plain_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous host memory (what numpy copies and the codec read as bytes)."""
     return t.device.type == "cpu" and t.is_contiguous()
 
 
@@ -40,7 +41,7 @@ def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
       never overwritten before an earlier copy out of it ran). With a host buffer involved, the
       CPU waits on the event, because it may write or read that buffer next.
     """
-    if _plain_cpu(dst) and _plain_cpu(src) and dst.dtype == src.dtype and dst.shape == src.shape:
+    if plain_cpu(dst) and plain_cpu(src) and dst.dtype == src.dtype and dst.shape == src.shape:
         np.copyto(byte_view(dst), byte_view(src))
         return
     if (dst.is_cuda or src.is_cuda) and torch.cuda.is_available():
@@ -61,7 +62,7 @@ def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def fill_zero(t: torch.Tensor) -> None:
     """Zeroes ``t`` (touching every page now, not on the engine's first writes)."""
-    if _plain_cpu(t):
+    if plain_cpu(t):
         byte_view(t).fill(0)
     else:
         t.zero_()

@@ -545,12 +545,14 @@ class KVStore:
         )
 
     # -- writes ------------------------------------------------------------------------------
-    def _write_level(self, level: int, entries: list[BlockEntry], now: float) -> list[bool]:
+    def _write_level(self, level: int, entries: list[BlockEntry], now: float,
+                     copy: bool = True) -> list[bool]:
         """Stores ``entries`` in tier ``level``: queued for a slow tier (False where the queue
-        is full), copied now into a fast one (False where it has no room)."""
+        is full; the blocks copied first unless not ``copy``), copied now into a fast one
+        (False where it has no room)."""
         if self.tiers[level].slow:
             writer = self._writers.get(level)
-            return writer.submit(entries) if writer is not None else [False] * len(entries)
+            return writer.submit(entries, copy) if writer is not None else [False] * len(entries)
         return self.tiers[level].put_many(entries, now, on_evict=self._spill_from(level))
 
     def _held(self, level: int, keys: Sequence[bytes], now: float, ask_tier: bool = True) -> list[bool]:
@@ -581,7 +583,7 @@ class KVStore:
         return spill
 
     def put(self, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[torch.Tensor],
-            namespace: str | None = None, start_block: int = 0) -> int:
+            namespace: str | None = None, start_block: int = 0, copy: bool = True) -> int:
         """Stores the KV of full blocks of ``token_ids``; returns without waiting for slow I/O.
 
         Blocks are copied into the fast tiers and into the write-behind queues before this
@@ -594,6 +596,11 @@ class KVStore:
             namespace: defaults to the config's.
             start_block: index of the first block given (the blocks before it are the
                 already-cached prefix, typically ``match.num_blocks``).
+            copy: False hands the blocks over: the slow tiers' queues keep those in
+                contiguous host memory as they are, instead of copying them (a memcpy of
+                every block on the caller's thread, before any write starts), and the caller
+                must never write them again. For blocks made for this call (the adapters'
+                gathered blocks); a reused buffer needs the default.
 
         Returns:
             How many blocks were newly stored in, or queued for, some tier. Blocks already
@@ -645,7 +652,7 @@ class KVStore:
                                             keys[start_block + j - 1] if start_block + j else b"",
                                             now, now, raw)) for j in pos]
             if entries:
-                ok = self._write_level(level, entries, now)
+                ok = self._write_level(level, entries, now, copy)
                 for j, o in zip(pos, ok):
                     stored[j] = stored[j] or o
                 if not tier.slow:  # a slow tier counts its own when the write lands

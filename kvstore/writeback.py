@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from .copies import copy_block, fill_zero
+from .copies import copy_block, fill_zero, plain_cpu
 from .lazy_torch import torch
 from .metrics import Metrics
 from .tiers.base import BlockEntry, EvictCallback, Tier
@@ -84,11 +84,13 @@ class WriteBehind:
         with self._cond:
             return set(self._queued)
 
-    def submit(self, entries: Sequence[BlockEntry]) -> list[bool]:
+    def submit(self, entries: Sequence[BlockEntry], copy: bool = True) -> list[bool]:
         """Stages and queues ``entries`` (parent first); False where the queue was full.
 
         The blocks are copied before this returns: the caller may reuse its buffers at once.
-        An entry that carries its encoded record (and no block) is queued as it is, in a slot.
+        With ``copy=False`` a block in contiguous host memory is queued as it is (still in a
+        slot, which bounds the queue's bytes): the caller must not write it again. An entry
+        that carries its encoded record (and no block) is queued as it is, in a slot.
         """
         ok = []
         with self._cond:
@@ -100,7 +102,7 @@ class WriteBehind:
                     ok.append(False)
                     continue
                 slot = self._free.pop()
-                if e.block is not None:
+                if e.block is not None and (copy or not plain_cpu(e.block)):
                     copy_block(self._staging[slot], e.block)
                     e = BlockEntry(e.key, self._staging[slot], e.meta)
                 self._queue.append((e, slot))

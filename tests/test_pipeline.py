@@ -59,6 +59,35 @@ def test_full_write_queue_drops_and_counts(open_store):
     assert s.match(list(range(6 * B))).num_blocks == 2
 
 
+def test_put_copies_the_blocks_unless_handed_over_with_copy_false(open_store):
+    s = open_store(host_bytes=0, io_threads=1)
+    toks = list(range(3 * B))
+    given, want = blocks_for(3), blocks_for(3)
+    # The same values in non-contiguous memory: staged as a copy even with copy=False.
+    strided = torch.empty(tuple(reversed(given[2].shape)), dtype=given[2].dtype)
+    strided = strided.permute(*reversed(range(given[2].dim())))
+    strided.copy_(given[2])
+    with s.tier("disk")._lock:  # the writer cannot store anything yet
+        assert s.put(toks[:B], given[:1]) == 1
+        given[0].zero_()  # the caller reuses its buffer at once: the staged copy is unharmed
+        assert s.put(toks, [given[1], strided], start_block=1, copy=False) == 2
+    assert s.flush()
+    assert same(s.get(s.match(toks)), want)
+    # What went through the staging slots: the copied blocks, never the one handed over.
+    staging = s._writers[s.tiers.index(s.tier("disk"))]._staging
+    staged = [sum(torch.equal(slot.view(torch.int16), w.view(torch.int16)) for slot in staging)
+              for w in want]
+    assert staged == [1, 0, 1]
+
+
+def test_blocks_handed_over_still_count_against_the_write_queue(open_store):
+    s = open_store(host_bytes=0, write_queue_bytes=2 * block_nbytes(), io_threads=1)
+    with s.tier("disk")._lock:
+        assert s.put(list(range(5 * B)), blocks_for(5), copy=False) == 2
+    s.flush()
+    assert s.stats()["dropped_writes"] == {"reason=queue_full,tier=disk": 3}
+
+
 def test_prefetch_moves_disk_blocks_to_ram_and_get_then_reads_ram(open_store):
     s = open_store()
     toks = list(range(6 * B))
