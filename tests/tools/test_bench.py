@@ -47,6 +47,9 @@ def test_remote_benchmark_quick_run_reports_ratios_of_its_own_figures(tmp_path):
         statistics.median(x["store_GBps"] / x["raw_set_GBps"] for x in rounds), rel=1e-6)
     assert r["load_ratio"] == pytest.approx(
         statistics.median(x["load_GBps"] / x["raw_get_GBps"] for x in rounds), rel=1e-6)
+    assert r["store_copied_ratio"] == pytest.approx(
+        statistics.median(x["store_copied_GBps"] / x["raw_set_GBps"] for x in rounds), rel=1e-6)
+    assert all(x["first_load_GBps"] > 0 for x in rounds)
     assert r["store_GBps"] == pytest.approx(statistics.median(x["store_GBps"] for x in rounds), rel=0.5)
     assert r["breaker_added_ms"] == pytest.approx(r["match_ms_breaker_open"] - r["match_ms_no_remote"])
     assert r["match_round_trips"] == 1 and r["blocks"] == 16
