@@ -394,7 +394,7 @@ def cmd_remote(args) -> dict:
     n = 16 if args.quick else 64
     print(f"computing real KV of SmolLM2-135M ({n} blocks of 64 tokens)...", file=sys.stderr)
     blocks = [b.to(torch.bfloat16) for b in real_kv(torch.float32, n)]
-    return bench_remote.run(blocks, 64, requests=50 if args.quick else 200, rounds=3 if args.quick else 5)
+    return bench_remote.run(blocks, 64, requests=50 if args.quick else 200, rounds=3 if args.quick else 9)
 
 
 def cmd_vllm(args) -> dict:

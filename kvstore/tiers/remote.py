@@ -347,29 +347,35 @@ class RemoteTier:
 
     def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
                  now: float | None = None) -> list[bool]:
-        """Pipelined HMGETs of about BATCH_BYTES each, every batch decoded as it arrives."""
-        ok: list[bool] = []
-        for r in _batches([o.nbytes for o in outs], BATCH_BYTES):
-            ok += self._get_batch([keys[i] for i in r], [outs[i] for i in r], now)
-        return ok
-
-    def _get_batch(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
-                   now: float | None) -> list[bool]:
+        """Pipelined GETs in batches of about BATCH_BYTES on one connection per server, each
+        reply read into its destination as it arrives; a batch is asked for before the replies
+        of the one before it are read, so the server never waits for the next request."""
+        if not keys:
+            return []
         names = [self._k(k) for k in keys]
         got: list = [False] * len(keys)  # per key: True, False (a miss), "corrupt" or an error
 
         def go():
-            for pool, idx in resp.node_groups(self.client, names):
-                with resp.exchange(pool) as (conn, reader):
-                    resp.send(conn, [resp.command("GET", names[i]) for i in idx])
+            unread: dict = {}  # pool -> (reader, indices whose replies are still to be read)
+            with contextlib.ExitStack() as stack:
+                for r in _batches([o.nbytes for o in outs], BATCH_BYTES):
+                    for pool, idx in resp.node_groups(self.client, [names[i] for i in r]):
+                        idx = [r[j] for j in idx]
+                        if pool not in unread:
+                            unread[pool] = (stack.enter_context(resp.exchange(pool)), [])
+                        (conn, reader), before = unread[pool]
+                        resp.send(conn, [resp.command("GET", names[i]) for i in idx])
+                        for i in before:
+                            got[i] = self._read_block(reader, keys[i], outs[i], now)
+                        unread[pool] = ((conn, reader), idx)
+                for (conn, reader), idx in unread.values():
                     for i in idx:
                         got[i] = self._read_block(reader, keys[i], outs[i], now)
-            return got
+            return [g for g in got if isinstance(g, Exception)]
         try:
             self._call("get", go)
         except _Down:
-            self.metrics.add("remote_misses", len(keys), tier=self.name)
-            return [False] * len(keys)
+            pass  # the blocks read before the fault are hits; the rest are misses
         corrupt = [k for k, g in zip(keys, got) if g == "corrupt"]
         ok = [g is True for g in got]
         self.metrics.add("remote_bytes", sum(o.nbytes for o, hit in zip(outs, ok) if hit),
