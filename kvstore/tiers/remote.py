@@ -247,7 +247,7 @@ class RemoteTier:
             self._wake.set()
         return reason
 
-    def _call(self, op: str, fn: Callable[[], list], sent: int = 0) -> list:
+    def _call(self, op: str, fn: Callable[[], list]) -> list:
         """Runs one exchange ``fn`` (it returns one reply per command, errors inline); raises
         _Down when the server is not asked or failed (counted), else returns the replies."""
         if not self._up.is_set():
@@ -260,7 +260,6 @@ class RemoteTier:
             self._failed(e)
             raise _Down from None
         self.metrics.observe("remote_round_trip_seconds", time.perf_counter() - t0, op=op)
-        self.metrics.add("remote_bytes", sent, tier=self.name, direction="out")
         moved = False
         for r in out:
             if isinstance(r, Exception):
@@ -275,13 +274,13 @@ class RemoteTier:
                 self._failed(e)
         return out
 
-    def _run(self, op: str, build: Callable, sent: int = 0) -> list:
+    def _run(self, op: str, build: Callable) -> list:
         """``_call`` of one redis-py pipeline (``build(pipe)`` adds its commands)."""
         def go():
             pipe = self.client.pipeline(transaction=False)
             build(pipe)
             return pipe.execute(raise_on_error=False)
-        return self._call(op, go, sent)
+        return self._call(op, go)
 
     def _background(self) -> None:
         """Reconnects with backoff while down; sends pending touches while up."""
