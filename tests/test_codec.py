@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore import byteplanes
 from kvstore.codec import MAGIC, Codec
 from kvstore.errors import CorruptEntryError
 
@@ -16,6 +17,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, tor
 CODECS = [Codec("zstd-hi", 1, True, threads=2, chunk=1000), Codec("zstd-hi", 1, False, threads=1),
           Codec("zstd", 1, True), Codec("zstd", 3, False), Codec("none", 1, True)]
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(params=["native", "numpy"])
+def plane_loops(request, monkeypatch):
+    """Runs a test with the C byte-plane loops and again with the numpy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(byteplanes, "_native", None)
+    elif not byteplanes.NATIVE:
+        pytest.fail("kvstore._byteplanes was not built (see tests/test_byteplanes.py)")
+    return request.param
 
 
 def sample(dtype, shape=(3, 2, 5, 16, 8), seed=0):
@@ -33,7 +44,7 @@ def bits(t):
 
 @pytest.mark.parametrize("codec", CODECS, ids=["hi-chunked", "hi-plain", "zstd-split", "zstd3-plain", "raw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_round_trip_is_bit_exact(codec, dtype):
+def test_round_trip_is_bit_exact(codec, dtype, plane_loops):
     x = sample(dtype)
     rec = codec.encode(x)
     y = codec.decode(rec)
@@ -57,7 +68,7 @@ def test_byte_split_compresses_kv_like_bf16_better():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "int8"])
 @pytest.mark.parametrize("comp", ["zstd", "none"])
-def test_records_written_by_the_version_1_encoder_are_still_read(dtype, comp):
+def test_records_written_by_the_version_1_encoder_are_still_read(dtype, comp, plane_loops):
     """tests/data holds records the version-1 encoder wrote (before "zstd-hi"), and their tensors."""
     rec = (DATA / f"codec_v1_{dtype}_{comp}.rec").read_bytes()
     want = torch.load(DATA / f"codec_v1_{dtype}.pt")
@@ -67,7 +78,7 @@ def test_records_written_by_the_version_1_encoder_are_still_read(dtype, comp):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "int8"])
-def test_records_written_by_the_first_version_2_encoder_are_still_read(dtype):
+def test_records_written_by_the_first_version_2_encoder_are_still_read(dtype, plane_loops):
     """tests/data holds version-2 records (1000-byte chunks) written by the first "zstd-hi"
     encoder (strided plane copies, zstd's own level 1): the current decoder reads them."""
     rec = (DATA / f"codec_v2_{dtype}.rec").read_bytes()

@@ -94,6 +94,12 @@ MUTATIONS = (
           "                    while False:"),),
         ("tests/tiers/test_readahead.py",), keyword="ahead_of_the_decoder"),
     Mutation(
+        "byteplanes_extension_unused",
+        "the codec's byte-plane loops run in the C extension that make setup builds",
+        (("kvstore/byteplanes.py", "    from . import _byteplanes as _native\n",
+          "    raise ImportError\n"),),
+        ("tests/test_byteplanes.py",), keyword="extension_is_built"),
+    Mutation(
         "low_planes_compressed",
         "format 2 stores the low (mantissa) byte planes raw",
         (("kvstore/codec.py", "raw_planes = list(range(planes // 2))", "raw_planes = []"),),
