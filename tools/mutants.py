@@ -87,6 +87,13 @@ MUTATIONS = (
           "            _madvise_fn(first, end - first, _MADV_WILLNEED)\n            break"),),
         ("tests/tiers/test_readahead.py",), keyword="larger_than"),
     Mutation(
+        "readahead_misses_partly_cached_records",
+        "a record with its second page dropped from the page cache is requested again",
+        (("kvstore/tiers/disk/readahead.py",
+          "        if _cached(last) and (last <= head + _PAGE or _cached(head + _PAGE)):",
+          "        if _cached(last):"),),
+        ("tests/tiers/test_readahead.py",), keyword="skips_a_view_read_whole"),
+    Mutation(
         "lookups_before_decoding",
         "a disk load decodes while the next records are read, not after looking all of them up",
         (("kvstore/tiers/disk/tier.py",

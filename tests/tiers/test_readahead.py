@@ -1,6 +1,7 @@
 """Readahead asks the kernel for a record's pages: after ``will_need`` on a view into a file
 mapping whose pages were dropped from the page cache, those pages become resident without
-being touched (checked with mincore), all of them however large the view; and a disk load
+being touched (checked with mincore), all of them however large the view; a view read whole
+before is not asked for again, one whose second or last page was dropped is; and a disk load
 asks for the records ahead of the one it decodes, not for all of them before the first."""
 
 import ctypes
@@ -84,6 +85,39 @@ def test_will_need_reads_all_of_a_view_larger_than_the_devices_readahead(tmp_pat
             pytest.skip("the page cache kept the file (fadvise DONTNEED ignored here)")
         readahead.will_need([view])
         assert _wait_resident(mm, base, n) == n // PAGE
+        view.release()
+        mm.close()
+    finally:
+        os.close(fd)
+
+
+@needs_madvise
+@pytest.mark.skipif(readahead._mincore_fn is None, reason="no mincore on this platform")
+def test_will_need_skips_a_view_read_whole_before_and_asks_again_once_a_page_is_dropped(
+        tmp_path, monkeypatch):
+    n = 64 * PAGE
+    fd, mm = _dropped_mapping(tmp_path / "data", n)
+    calls = []
+    real = readahead._madvise_fn
+    monkeypatch.setattr(readahead, "_madvise_fn", lambda a, k, adv: calls.append(a) or real(a, k, adv))
+    try:
+        view = memoryview(mm)
+        base = readahead.address(view)
+        if _resident(mm, base, n) > 16:
+            pytest.skip("the page cache kept the file (fadvise DONTNEED ignored here)")
+        readahead.will_need([view])
+        assert calls and _wait_resident(mm, base, n) == n // PAGE
+        calls.clear()
+        readahead.will_need([view])
+        assert calls == [], "a view whose pages are all cached was asked for again"
+        for page in (1, 63):  # the second page (the first evicted) and the last
+            os.posix_fadvise(fd, page * PAGE, PAGE, os.POSIX_FADV_DONTNEED)
+            if _resident(mm, base + page * PAGE, PAGE):
+                pytest.skip("the page cache kept the page (fadvise DONTNEED ignored here)")
+            calls.clear()
+            readahead.will_need([view])
+            assert calls, f"page {page} of the view was dropped, and the view was not asked for"
+            assert _wait_resident(mm, base, n) == n // PAGE
         view.release()
         mm.close()
     finally:

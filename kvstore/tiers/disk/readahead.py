@@ -6,8 +6,13 @@ a record's reads at once (the kernel reads them asynchronously into the page cac
 decoder that asks for the records ahead of the one it decodes meets pages that have arrived.
 One call reads at most max(``read_ahead_kb``, ``max_sectors_kb``) of the device (measured: a
 64 MiB request read 8 MiB here, 4 MiB with ``read_ahead_kb`` at 128), so a view is asked for in
-pieces of ``CHUNK`` bytes, under any device's limit. Pages already cached cost a lookup. Where
-``madvise`` is not available the calls do nothing: reads are then only slower.
+pieces of ``CHUNK`` bytes, under any device's limit. A record whose second and last pages are
+already cached (``mincore``) was read whole before and is not asked for again: asking walks
+every page in the kernel, measured at 5-15% of a warm load. The first page says nothing (looking
+a record up touches it); the second is the first to go when the kernel evicts a record's pages
+oldest first. A record with a page missing in between is read by faults: slower, never
+wrong. Where ``madvise`` is not available the calls do nothing: reads are
+then only slower.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import threading
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,18 +30,30 @@ _PAGE = mmap.PAGESIZE
 CHUNK = 256 << 10  # bytes a call; the smallest common read_ahead_kb is 128 KiB, max_sectors_kb larger
 
 
-def _madvise():
+def _libc_fn(name: str, *argtypes):
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.madvise
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-_madvise_fn = _madvise()
+_madvise_fn = _libc_fn("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_mincore_fn = _libc_fn("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+_local = threading.local()  # each thread's one-page mincore vector
+
+
+def _cached(page: int) -> bool:
+    """Whether the page at address ``page`` (page-aligned) is in the page cache."""
+    if _mincore_fn is None:
+        return False
+    vec = getattr(_local, "vec", None)
+    if vec is None:
+        vec = _local.vec = (ctypes.c_ubyte * 1)()
+    return _mincore_fn(page, 1, vec) == 0 and bool(vec[0] & 1)
 
 
 def address(view) -> int:
@@ -45,7 +63,7 @@ def address(view) -> int:
 
 def will_need(views: Iterable) -> None:
     """Starts reading all of the pages behind each buffer of ``views`` (views into a file
-    mapping), in calls of at most ``CHUNK`` bytes.
+    mapping), in calls of at most ``CHUNK`` bytes; skips a buffer read whole before (see above).
 
     Advisory only: errors are ignored, nothing is waited for."""
     if _madvise_fn is None:
@@ -56,5 +74,8 @@ def will_need(views: Iterable) -> None:
             continue
         start = address(v)
         end = start + n
-        for first in range(start - start % _PAGE, end, CHUNK):
+        head, last = start - start % _PAGE, (end - 1) - (end - 1) % _PAGE
+        if _cached(last) and (last <= head + _PAGE or _cached(head + _PAGE)):
+            continue
+        for first in range(head, end, CHUNK):
             _madvise_fn(first, min(CHUNK, end - first), _MADV_WILLNEED)
