@@ -102,44 +102,40 @@ fail:
     return -1;
 }
 
-static PyObject *planes_join(PyObject *self, PyObject *args) {
-    PyObject *out, *parts;
+/* join (split = 0) or split (split = 1): parses (whole, parts), checks them, runs the loop
+ * outside the GIL. */
+static PyObject *run(PyObject *args, int split) {
+    const char *fn = split ? "split" : "join";
+    PyObject *whole, *parts;
     Py_buffer v[MAX_PLANES + 1];
-    if (!PyArg_ParseTuple(args, "OO:join", &out, &parts))
+    if (!PyArg_ParseTuple(args, split ? "OO:split" : "OO:join", &whole, &parts))
         return NULL;
-    int k = take("join", out, parts, 0, v);
+    int k = take(fn, whole, parts, split, v);
     if (k < 0)
         return NULL;
-    uint8_t *d = v[0].buf;
+    uint8_t *w = v[0].buf, *p0 = v[1].buf, *p1 = v[2].buf;
+    uint8_t *p2 = k == 4 ? v[3].buf : NULL, *p3 = k == 4 ? v[4].buf : NULL;
     Py_ssize_t n = v[1].len;
     Py_BEGIN_ALLOW_THREADS
-    if (k == 2)
-        join2(d, v[1].buf, v[2].buf, n);
+    if (split && k == 2)
+        split2(w, p0, p1, n);
+    else if (split)
+        split4(w, p0, p1, p2, p3, n);
+    else if (k == 2)
+        join2(w, p0, p1, n);
     else
-        join4(d, v[1].buf, v[2].buf, v[3].buf, v[4].buf, n);
+        join4(w, p0, p1, p2, p3, n);
     Py_END_ALLOW_THREADS
     release(v, k + 1);
     Py_RETURN_NONE;
 }
 
+static PyObject *planes_join(PyObject *self, PyObject *args) {
+    return run(args, 0);
+}
+
 static PyObject *planes_split(PyObject *self, PyObject *args) {
-    PyObject *src, *parts;
-    Py_buffer v[MAX_PLANES + 1];
-    if (!PyArg_ParseTuple(args, "OO:split", &src, &parts))
-        return NULL;
-    int k = take("split", src, parts, 1, v);
-    if (k < 0)
-        return NULL;
-    const uint8_t *s = v[0].buf;
-    Py_ssize_t n = v[1].len;
-    Py_BEGIN_ALLOW_THREADS
-    if (k == 2)
-        split2(s, v[1].buf, v[2].buf, n);
-    else
-        split4(s, v[1].buf, v[2].buf, v[3].buf, v[4].buf, n);
-    Py_END_ALLOW_THREADS
-    release(v, k + 1);
-    Py_RETURN_NONE;
+    return run(args, 1);
 }
 
 static PyMethodDef methods[] = {

@@ -4,6 +4,7 @@ being touched (checked with mincore), all of them however large the view; a view
 before is not asked for again, one whose second or last page was dropped is; and a disk load
 asks for the records ahead of the one it decodes, not for all of them before the first."""
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -43,6 +44,23 @@ def _dropped_mapping(path, n: int) -> tuple[int, mmap.mmap]:
         raise
 
 
+@contextlib.contextmanager
+def _dropped_view(path, n: int):
+    """(fd, mapping, view of all of it, its address) of a new ``n``-byte file none of whose
+    pages are cached; skips the test where the page cache keeps them."""
+    fd, mm = _dropped_mapping(path, n)
+    try:
+        view = memoryview(mm)
+        base = readahead.address(view)
+        if _resident(mm, base, n) > 16:
+            pytest.skip("the page cache kept the file (fadvise DONTNEED ignored here)")
+        yield fd, mm, view, base
+        view.release()
+        mm.close()
+    finally:
+        os.close(fd)
+
+
 def _wait_resident(mm: mmap.mmap, addr: int, n: int) -> int:
     deadline = time.monotonic() + 10
     while (got := _resident(mm, addr, n)) < -(-n // PAGE) and time.monotonic() < deadline:
@@ -77,18 +95,9 @@ def test_will_need_reads_all_of_a_view_larger_than_the_devices_readahead(tmp_pat
     # One madvise call reads at most max(read_ahead_kb, max_sectors_kb) of the device (8 MiB on
     # the CI machines); a record of a large block is bigger than that.
     n = 32 << 20
-    fd, mm = _dropped_mapping(tmp_path / "data", n)
-    try:
-        view = memoryview(mm)
-        base = readahead.address(view)
-        if _resident(mm, base, n) > 16:
-            pytest.skip("the page cache kept the file (fadvise DONTNEED ignored here)")
+    with _dropped_view(tmp_path / "data", n) as (_, mm, view, base):
         readahead.will_need([view])
         assert _wait_resident(mm, base, n) == n // PAGE
-        view.release()
-        mm.close()
-    finally:
-        os.close(fd)
 
 
 @needs_madvise
@@ -96,15 +105,10 @@ def test_will_need_reads_all_of_a_view_larger_than_the_devices_readahead(tmp_pat
 def test_will_need_skips_a_view_read_whole_before_and_asks_again_once_a_page_is_dropped(
         tmp_path, monkeypatch):
     n = 64 * PAGE
-    fd, mm = _dropped_mapping(tmp_path / "data", n)
     calls = []
     real = readahead._madvise_fn
     monkeypatch.setattr(readahead, "_madvise_fn", lambda a, k, adv: calls.append(a) or real(a, k, adv))
-    try:
-        view = memoryview(mm)
-        base = readahead.address(view)
-        if _resident(mm, base, n) > 16:
-            pytest.skip("the page cache kept the file (fadvise DONTNEED ignored here)")
+    with _dropped_view(tmp_path / "data", n) as (fd, mm, view, base):
         readahead.will_need([view])
         assert calls and _wait_resident(mm, base, n) == n // PAGE
         calls.clear()
@@ -118,10 +122,6 @@ def test_will_need_skips_a_view_read_whole_before_and_asks_again_once_a_page_is_
             readahead.will_need([view])
             assert calls, f"page {page} of the view was dropped, and the view was not asked for"
             assert _wait_resident(mm, base, n) == n // PAGE
-        view.release()
-        mm.close()
-    finally:
-        os.close(fd)
 
 
 def test_a_disk_load_asks_for_records_ahead_of_the_decoder_and_decodes_before_asking_for_all(
