@@ -169,8 +169,8 @@ class Codec:
         return buf[:nbytes]
 
     def _wide(self, n: int, planes: int) -> np.ndarray:
-        """A per-thread scratch of ``n`` elements of ``planes`` bytes, for ``planes.split`` and
-        ``planes.join``."""
+        """A per-thread scratch of ``n`` elements of ``planes`` bytes, for ``byteplanes.split``
+        and ``byteplanes.join``."""
         return byteplanes.wide(self._scratch(n * planes, "wide"), n, planes)
 
     def encode(self, block: torch.Tensor) -> bytes:

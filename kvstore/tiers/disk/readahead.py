@@ -11,8 +11,7 @@ already cached (``mincore``) was read whole before and is not asked for again: a
 every page in the kernel, measured at 5-15% of a warm load. The first page says nothing (looking
 a record up touches it); the second is the first to go when the kernel evicts a record's pages
 oldest first. A record with a page missing in between is read by faults: slower, never
-wrong. Where ``madvise`` is not available the calls do nothing: reads are
-then only slower.
+wrong. Where ``madvise`` is not available the calls do nothing: reads are then only slower.
 """
 
 from __future__ import annotations
