@@ -58,33 +58,29 @@ static void release(Py_buffer *views, int count) {
  * nothing held. */
 static int take(const char *fn, PyObject *whole, PyObject *parts, int planes_writable,
                 Py_buffer *views) {
-    int wflags = PyBUF_WRITABLE;
-    if (PyObject_GetBuffer(whole, &views[0], planes_writable ? PyBUF_SIMPLE : wflags) < 0)
+    int held = 0;
+    PyObject *seq = NULL;
+    if (PyObject_GetBuffer(whole, &views[0], planes_writable ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0)
         return -1;
-    PyObject *seq = PySequence_Fast(parts, "parts: expected a sequence of 2 or 4 buffers");
-    if (seq == NULL) {
-        release(views, 1);
-        return -1;
-    }
+    held = 1;
+    seq = PySequence_Fast(parts, "parts: expected a sequence of 2 or 4 buffers");
+    if (seq == NULL)
+        goto fail;
     Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
     if (k != 2 && k != 4) {
         PyErr_Format(PyExc_ValueError, "%s: expected 2 or 4 planes, got %zd", fn, k);
-        Py_DECREF(seq);
-        release(views, 1);
-        return -1;
+        goto fail;
     }
     if (views[0].len % k != 0) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes are not a whole number of %zd-byte "
                      "elements", fn, views[0].len, k);
-        Py_DECREF(seq);
-        release(views, 1);
-        return -1;
+        goto fail;
     }
     Py_ssize_t n = views[0].len / k;
-    int held = 1;
     for (Py_ssize_t i = 0; i < k; i++) {
         PyObject *p = PySequence_Fast_GET_ITEM(seq, i);
-        if (PyObject_GetBuffer(p, &views[held], planes_writable ? wflags : PyBUF_SIMPLE) < 0)
+        int flags = planes_writable ? PyBUF_WRITABLE : PyBUF_SIMPLE;
+        if (PyObject_GetBuffer(p, &views[held], flags) < 0)
             goto fail;
         held++;
         if (views[held - 1].len != n) {
@@ -97,7 +93,7 @@ static int take(const char *fn, PyObject *whole, PyObject *parts, int planes_wri
     Py_DECREF(seq);
     return (int)k;
 fail:
-    Py_DECREF(seq);
+    Py_XDECREF(seq);
     release(views, held);
     return -1;
 }
