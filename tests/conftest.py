@@ -1,5 +1,5 @@
-"""Shared fixtures: a fake clock, a factory of real stores in temp directories, KV blocks, and
-the `kvstore` command line run in-process."""
+"""Shared fixtures: a fake clock, both byte-plane loops, a factory of real stores in temp
+directories, KV blocks, and the `kvstore` command line run in-process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from kvstore import KVStore, StoreConfig
+from kvstore import KVStore, StoreConfig, byteplanes
 from tools import cli
 
 # `make test` runs the property tests with a fifth of their examples; `make test-all` (which sets
@@ -48,6 +48,16 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(params=["native", "numpy"])
+def plane_loops(request, monkeypatch):
+    """Runs a test with the C byte-plane loops and again with the numpy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(byteplanes, "_native", None)
+    elif not byteplanes.NATIVE:
+        pytest.fail("kvstore._byteplanes was not built (see tests/test_byteplanes.py)")
+    return request.param
 
 
 def make_block(seed: int, shape=SHAPE, dtype=torch.bfloat16) -> torch.Tensor:

@@ -11,13 +11,6 @@ def reference_planes(raw: np.ndarray, k: int) -> np.ndarray:
     return raw.reshape(-1, k).T.copy()  # plane i = byte i of every element, by strided copy
 
 
-@pytest.fixture(params=["native", "numpy"])
-def loops(request, monkeypatch):
-    if request.param == "numpy":
-        monkeypatch.setattr(byteplanes, "_native", None)
-    return request.param
-
-
 def test_the_extension_is_built():
     """`make setup` compiles kvstore/_byteplanes.c; setup.py marks it optional, so a failed build
     would otherwise only show as a 2.4x slower decode."""
@@ -27,7 +20,7 @@ def test_the_extension_is_built():
 
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("n", [1, 7, 16, 4097, 300_001])
-def test_split_and_join_match_strided_copies_and_invert_each_other(loops, k, n):
+def test_split_and_join_match_strided_copies_and_invert_each_other(plane_loops, k, n):
     raw = np.random.default_rng(n * k).integers(0, 256, n * k, dtype=np.uint8)
     want = reference_planes(raw, k)
     got = np.full((k, n), 0xAA, dtype=np.uint8)

@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore import byteplanes
 from kvstore.codec import MAGIC, Codec
 from kvstore.errors import CorruptEntryError
 
@@ -17,16 +16,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, tor
 CODECS = [Codec("zstd-hi", 1, True, threads=2, chunk=1000), Codec("zstd-hi", 1, False, threads=1),
           Codec("zstd", 1, True), Codec("zstd", 3, False), Codec("none", 1, True)]
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(params=["native", "numpy"])
-def plane_loops(request, monkeypatch):
-    """Runs a test with the C byte-plane loops and again with the numpy fallback."""
-    if request.param == "numpy":
-        monkeypatch.setattr(byteplanes, "_native", None)
-    elif not byteplanes.NATIVE:
-        pytest.fail("kvstore._byteplanes was not built (see tests/test_byteplanes.py)")
-    return request.param
 
 
 def sample(dtype, shape=(3, 2, 5, 16, 8), seed=0):
