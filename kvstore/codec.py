@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -179,8 +179,7 @@ class Codec:
         Raises:
             ValueError: the dtype is not one the codec stores.
         """
-        parts = self.encode_parts(block)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(self.pieces(block))
 
     def encode_parts(self, block: torch.Tensor) -> list:
         """The record of ``block`` as buffers that, sent one after the other, are its bytes.
@@ -192,21 +191,49 @@ class Codec:
         Raises:
             ValueError: the dtype is not one the codec stores.
         """
+        parts = self.pieces(block)
+        verbatim = self.compression == "none" and self._planes(block) == 1
+        return parts if verbatim else [b"".join(parts)]
+
+    def encode_into(self, block: torch.Tensor, alloc: Callable[[int], Any]) -> Any:
+        """The record of ``block`` written into ``alloc(length)`` (a writable buffer of exactly
+        ``length`` bytes, e.g. a view of a reused arena), which is returned: the record without
+        a fresh allocation of its own (fresh memory is page-faulted and zeroed by the kernel:
+        1.5x the encode's time on two writers).
+
+        Raises:
+            ValueError: the dtype is not one the codec stores.
+        """
+        parts = self.pieces(block)
+        out = alloc(sum(len(p) for p in parts))
+        dst = np.frombuffer(out, dtype=np.uint8)
+        at = 0
+        for p in parts:
+            n = len(p)
+            dst[at:at + n] = np.frombuffer(p, dtype=np.uint8)
+            at += n
+        return out
+
+    def pieces(self, block: torch.Tensor) -> list:
+        """The record of ``block`` as buffers that, one after the other, are its bytes. They may
+        view this thread's scratch or ``block``'s memory: valid until this thread's next encode,
+        while ``block`` is unchanged.
+
+        Raises:
+            ValueError: the dtype is not one the codec stores.
+        """
         name = dtype_name(block.dtype)
         block = block.detach().to("cpu").contiguous()
         raw = byte_view(block)
-        planes = block.element_size() if self.byte_split and block.element_size() in (2, 4) else 1
+        planes = self._planes(block)
         if self.compression == "zstd-hi":
-            return [self._encode_v2(name, block, raw, planes)]
+            return self._pieces_v2(name, block, raw, planes)
         if planes > 1:
             body = self._scratch(raw.nbytes)
             byteplanes.split(raw, body.reshape(planes, -1), self._wide(raw.nbytes // planes, planes))
         else:
             body = raw
-        if self.compression == "zstd":
-            payload = self._compressor().compress(body)
-        else:
-            payload = body.tobytes() if planes > 1 else memoryview(raw)  # the scratch is reused
+        payload = self._compressor().compress(body) if self.compression == "zstd" else memoryview(body)
         xxh = xxhash.xxh3_64_digest(raw)
         header = msgpack.packb({
             "v": 1,
@@ -220,11 +247,13 @@ class Codec:
             "pxh": xxh if planes == 1 and self.compression == "none" else xxhash.xxh3_64_digest(payload),
         })
         prefix = _PREFIX.pack(MAGIC, len(header), xxhash.xxh32_intdigest(header))
-        if isinstance(payload, memoryview):
-            return [prefix + header, payload]
-        return [b"".join((prefix, header, payload))]
+        return [prefix + header, payload]
 
-    def _encode_v2(self, name: str, block: torch.Tensor, raw: np.ndarray, planes: int) -> bytes:
+    def _planes(self, block: torch.Tensor) -> int:
+        """Byte planes a record of ``block`` is split into (1: none)."""
+        return block.element_size() if self.byte_split and block.element_size() in (2, 4) else 1
+
+    def _pieces_v2(self, name: str, block: torch.Tensor, raw: np.ndarray, planes: int) -> list:
         per = raw.nbytes // planes
         split = self._scratch(raw.nbytes).reshape(planes, per)
         byteplanes.split(raw, split, self._wide(per, planes))
@@ -244,7 +273,7 @@ class Codec:
             "xxh": xxhash.xxh3_64_digest(raw), "pxh": pxh.digest(),
         })
         prefix = _PREFIX.pack(MAGIC, len(header), xxhash.xxh32_intdigest(header))
-        return b"".join([prefix, header, *pieces])
+        return [prefix + header, *pieces]
 
     def _compress_chunks(self, chunks: list[memoryview]) -> list:
         if self.threads > 1 and len(chunks) > 1:

@@ -44,6 +44,22 @@ def test_round_trip_is_bit_exact(codec, dtype, plane_loops):
     assert torch.equal(bits(out), bits(x))
 
 
+@pytest.mark.parametrize("codec", CODECS, ids=["hi-chunked", "hi-plain", "zstd-split", "zstd3-plain", "raw"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8], ids=str)
+def test_encode_into_writes_the_same_record_into_the_buffer_it_is_given(codec, dtype):
+    x = sample(dtype)
+    asked = []
+    arena = bytearray(1 << 20)
+
+    def alloc(n):
+        asked.append(n)
+        return memoryview(arena)[100:100 + n]
+    out = codec.encode_into(x, alloc)
+    assert asked == [len(codec.encode(x))], "asked for anything but the record's exact length"
+    assert out.obj is arena and bytes(out) == codec.encode(x)
+    assert torch.equal(bits(codec.decode(out)), bits(x))
+
+
 def test_non_contiguous_input_is_encoded_by_value():
     x = sample(torch.bfloat16).transpose(0, 1)
     assert torch.equal(bits(Codec().decode(Codec().encode(x))), bits(x.contiguous()))
