@@ -23,6 +23,7 @@ from ...eviction import EntryMeta, is_expired, is_live, is_pinned
 from ...lazy_torch import torch
 from ...metrics import Metrics
 from ..base import BlockEntry, Evicted, EvictCallback, TierUsage
+from .arena import RecordArena
 from .env import NO_SPACE, LMDBEnv, LMDBError
 from .readahead import will_need
 from .removals import RemovalLog
@@ -75,6 +76,7 @@ class DiskTier:
         self.path = Path(self.env.path)
         self.readonly = self.env.readonly
         self.codec = codec
+        self._arena = RecordArena()
         self.metrics = metrics or Metrics()
         self._set_budget(capacity_bytes, ttl_s)
         self._schema = Schema(self.env)
@@ -271,8 +273,9 @@ class DiskTier:
                 result[i] = ok
             return result
         records = []
+        self._arena.batch()  # the records live until the transaction below ends
         for e in entries:
-            rec = e.record if e.record is not None else self.codec.encode(e.block)
+            rec = e.record if e.record is not None else self.codec.encode_into(e.block, self._arena.take)
             e.meta.stored_bytes = entry_cost(len(rec))
             records.append(rec)
         with self._lock:
