@@ -27,6 +27,10 @@ from .tiers.base import BlockEntry, EvictCallback, Tier
 log = logging.getLogger(__name__)
 BATCH_BLOCKS = 64  # most blocks a transaction of large blocks (1.4-8 MiB each)
 BATCH_BYTES = 4 << 20  # ... or of small blocks, counted in raw bytes
+# ... and never more raw bytes than this: the batch's records fit the disk tier's RecordArena,
+# and one writer encodes while the other commits (batches of 64 1.4 MiB blocks split a put
+# of 128 as 64, 32, 16, ..., 1: the last commits ran alone, one after the other).
+BATCH_MAX_BYTES = 32 << 20
 
 
 class WriteBehind:
@@ -41,7 +45,8 @@ class WriteBehind:
         metrics: counts drops of a full queue (``dropped_writes{tier,reason=queue_full}``;
             the tier counts its own: capacity, no_space, io_error) and batch times.
         batch: most blocks in one write transaction (default: ``BATCH_BLOCKS``, or as many
-            as ``BATCH_BYTES`` hold when that is more).
+            as ``BATCH_BYTES`` hold when that is more, but no more than ``BATCH_MAX_BYTES``
+            hold).
         after_batch: called on a writer thread after each batch (the store persists counters).
         on_evict: passed to the tier's ``put_many`` (the store spills victims further down).
     """
@@ -51,7 +56,8 @@ class WriteBehind:
                  after_batch: Callable[[], None] | None = None, on_evict: EvictCallback | None = None):
         self.tier, self.clock, self.metrics = tier, clock, metrics
         block_bytes = max(1, math.prod(block_shape) * torch.empty((), dtype=dtype).element_size())
-        self.batch = batch or max(BATCH_BLOCKS, BATCH_BYTES // block_bytes)
+        self.batch = batch or min(max(BATCH_BLOCKS, BATCH_BYTES // block_bytes),
+                                  max(1, BATCH_MAX_BYTES // block_bytes))
         self._least = max(1, BATCH_BYTES // block_bytes)  # a share is never smaller
         self.after_batch, self.on_evict = after_batch, on_evict
         self._staging = torch.empty((max(slots, 0), *block_shape), dtype=dtype)
