@@ -59,7 +59,9 @@ def open_stack(config: StoreConfig, metrics: Metrics, readonly: bool = False) ->
             tiers.append(SlabTier("host", config.host_bytes, config.host_ttl_s, device="cpu",
                                   metrics=metrics))
     if env is not None:
-        codec = Codec(config.compression, config.zstd_level, config.byte_split, config.io_threads)
+        # One zstd thread a block: the io_threads writers already encode blocks in parallel, and
+        # two writers each on two zstd threads encoded 1.4 MiB blocks at 1.26 GB/s against 1.75.
+        codec = Codec(config.compression, config.zstd_level, config.byte_split, threads=1)
         tiers.append(DiskTier(None, config.disk_bytes, config.disk_ttl_s, codec, metrics, env=env))
     if config.remote_url:  # read-only too: tools show and purge what the fleet shares
         from .tiers.remote import RemoteTier  # only a store with a remote tier imports the client

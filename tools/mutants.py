@@ -94,6 +94,20 @@ MUTATIONS = (
           "        if _cached(last):"),),
         ("tests/tiers/test_readahead.py",), keyword="skips_a_view_read_whole"),
     Mutation(
+        "records_in_fresh_memory",
+        "a writer encodes each batch's records into its one reused buffer",
+        (("kvstore/tiers/disk/tier.py",
+          "self.codec.encode_into(e.block, self._arena.take)",
+          "self.codec.encode(e.block)"),),
+        ("tests/tiers/test_disk.py",), keyword="reused_buffer"),
+    Mutation(
+        "write_batches_uncapped",
+        "a large put is written in batches of at most BATCH_MAX_BYTES",
+        (("kvstore/writeback.py",
+          "max(1, BATCH_MAX_BYTES // block_bytes))",
+          "1 << 30)"),),
+        ("tests/test_writeback.py",), keyword="at_most_batch_max_bytes"),
+    Mutation(
         "lookups_before_decoding",
         "a disk load decodes while the next records are read, not after looking all of them up",
         (("kvstore/tiers/disk/tier.py",
