@@ -166,9 +166,10 @@ class StoreConfig:
         write_queue_bytes: staging memory of the write-behind queue; a put that finds it full
             is dropped and counted, so ``put`` never waits for disk I/O.
         io_threads: background threads that compress, write and load (zstd and LMDB release
-            the GIL, so 2 use both cores of a small machine).
+            the GIL, so 2 use both cores of a small machine). Each disk writer keeps a 40 MiB
+            buffer for its batch's records.
         compression: disk records: ``"zstd-hi"`` (the default: zstd on the high byte planes
-            only, the low ones raw, on ``io_threads`` zstd threads a block), ``"zstd"`` (zstd on
+            only, the low ones raw; each writer encodes its blocks on one thread), ``"zstd"`` (zstd on
             every plane, the version-1 format of stores created before) or ``"none"``. Chosen
             when a store is created and stored with its settings; every format is read.
         zstd_level: zstd level (1 is the measured sweet spot: higher levels gain nothing on KV).
