@@ -96,19 +96,18 @@ class WriteBehind:
         The blocks are copied before this returns: the caller may reuse its buffers at once.
         With ``copy=False`` a block in contiguous host memory is queued as it is (still in a
         slot, which bounds the queue's bytes): the caller must not write it again. An entry
-        that carries its encoded record (and no block) is queued as it is, in a slot.
+        that carries its encoded record (and no block), or a leased slot (``release``), is
+        queued as it is, in a slot; a lease is released once written, or at once if not queued.
         """
-        ok = []
+        ok, unqueued = [], []
         with self._cond:
             for e in entries:
-                if e.key in self._queued:
-                    ok.append(True)
-                    continue
-                if not self._free or self._stop:
-                    ok.append(False)
+                if e.key in self._queued or not self._free or self._stop:
+                    ok.append(e.key in self._queued)
+                    unqueued.append(e)
                     continue
                 slot = self._free.pop()
-                if e.block is not None and (copy or not plain_cpu(e.block)):
+                if e.block is not None and e.release is None and (copy or not plain_cpu(e.block)):
                     copy_block(self._staging[slot], e.block)
                     e = BlockEntry(e.key, self._staging[slot], e.meta)
                 self._queue.append((e, slot))
@@ -116,6 +115,7 @@ class WriteBehind:
                 ok.append(True)
             if any(ok):
                 self._cond.notify_all()
+        _release(unqueued)
         dropped = ok.count(False)
         self.metrics.add("dropped_writes", dropped, tier=self.tier.name, reason="queue_full")
         return ok
@@ -163,9 +163,17 @@ class WriteBehind:
                 log.exception("kvstore write-behind batch failed")
                 self.metrics.add("dropped_writes", len(items), tier=self.tier.name, reason="error")
             finally:
+                _release([e for e, _ in items])
                 with self._cond:
                     for e, slot in items:
                         self._queued.discard(e.key)
                         self._free.append(slot)
                     self._inflight -= 1
                     self._cond.notify_all()
+
+
+def _release(entries: Sequence[BlockEntry]) -> None:
+    """Releases the leased slots among ``entries`` (the queue is done with them)."""
+    for e in entries:
+        if e.release is not None:
+            e.release()

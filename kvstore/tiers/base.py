@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..eviction import EntryMeta
 from ..lazy_torch import torch
@@ -22,13 +22,16 @@ class BlockEntry:
     """One block to store: its key, its data, and its metadata.
 
     ``record`` is the block already encoded (a victim spilled from a tier that stores records):
-    a tier that stores records takes it as it is; ``block`` may then be None.
+    a tier that stores records takes it as it is; ``block`` may then be None. ``release``: the
+    block is a leased RAM-tier slot (``SlabTier.lease``); a write queue writes it from there,
+    without a copy, and calls ``release`` once when done with it.
     """
 
     key: bytes
     block: torch.Tensor | None
     meta: EntryMeta
     record: bytes | None = None
+    release: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,3 +109,12 @@ class Tier(Protocol):
         """Makes pending metadata (last-access times) durable; a no-op for memory tiers."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Lender(Protocol):
+    """A RAM tier whose slots the write queues may write a block from (``SlabTier``)."""
+
+    def lease(self, key: bytes) -> tuple[torch.Tensor, Callable[[], None]] | None:
+        """The slot holding ``key`` and its release (called once): until then the slot keeps
+        the block's bytes, even if the tier drops the block. None if not held."""

@@ -4,11 +4,16 @@ The slab is allocated and touched once, when the block layout is known, because 
 fresh memory were measured 10x slower than into touched memory on these machines. On the host
 the slab is pinned only when CUDA is present (``pin_memory=True`` raises without it). Budget:
 ``capacity_bytes // block_nbytes`` slots; eviction is LRU with idle TTL and pins (eviction.py).
+
+A slot can be leased (``lease``): the write-behind queue then writes the block to the slow tiers
+from the slot itself instead of from a copy of its own. A leased slot whose block is dropped
+is not reused until its last lease is released.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -46,6 +51,9 @@ class SlabTier:
         self._index = LRUIndex()
         self._slot_of: dict[bytes, int] = {}
         self._free: list[int] = []
+        self._leases: dict[int, int] = {}  # slot -> leases not yet released
+        self._retired: set[int] = set()  # leased slots whose block was dropped
+        self._pid = os.getpid()
         self._slab: torch.Tensor | None = None
         self.block_nbytes = 0
 
@@ -98,9 +106,43 @@ class SlabTier:
             slot = self._slot_of.get(key)
             return None if slot is None else self._slab[slot]
 
+    def lease(self, key: bytes) -> tuple[torch.Tensor, Callable[[], None]] | None:
+        """The slot holding ``key`` and its release (call it once): until released the slot
+        keeps the block's bytes, even if the block is dropped meanwhile. None if not held."""
+        with self._lock:
+            self._check_pid()
+            slot = self._slot_of.get(key)
+            if slot is None:
+                return None
+            self._leases[slot] = self._leases.get(slot, 0) + 1
+            pid, held = self._pid, [True]
+
+            def release() -> None:
+                with self._lock:
+                    if not held or self._pid != pid or self._slab is None:
+                        return  # released already, or a lease of another process or a closed tier
+                    held.clear()
+                    left = self._leases.pop(slot) - 1
+                    if left:
+                        self._leases[slot] = left
+                    elif slot in self._retired:
+                        self._retired.discard(slot)
+                        self._free.append(slot)
+            return self._slab[slot], release
+
+    def _check_pid(self) -> None:
+        """In a forked child the parent's write queues did not come along, nor will their
+        releases: every slot is free of leases."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._free.extend(self._retired)
+            self._retired.clear()
+            self._leases.clear()
+
     def put_many(self, entries: Sequence[BlockEntry], now: float,
                  on_evict: EvictCallback | None = None) -> list[bool]:
         with self._lock:
+            self._check_pid()
             if self._slab is None or not entries:
                 return [False] * len(entries)
             self._drop(self._index.expired(now, self.ttl_s), "ttl", on_evict)
@@ -110,7 +152,9 @@ class SlabTier:
             need = len(new) - len(self._free)
             if need > 0:
                 protect = self._protected(entries)
-                victims = [k for k in self._index.victims(now) if k not in protect][:need]
+                # A leased block's slot would not come free: keep serving it instead.
+                victims = [k for k in self._index.victims(now)
+                           if k not in protect and self._slot_of[k] not in self._leases][:need]
                 self._drop(victims, "capacity", on_evict)
             # Keep parents when slots run short; insert oldest and deepest first so that, as in
             # the disk tier's rank, a child is evicted before its parent.
@@ -142,7 +186,11 @@ class SlabTier:
             on_evict(gone)
         for ev in gone:
             self._index.remove(ev.key)
-            self._free.append(self._slot_of.pop(ev.key))
+            slot = self._slot_of.pop(ev.key)
+            if slot in self._leases:
+                self._retired.add(slot)  # reused once the lease is released
+            else:
+                self._free.append(slot)
             ev.block = None  # the slot is free now: its data may be overwritten
         return gone
 
@@ -191,3 +239,5 @@ class SlabTier:
             self._slot_of.clear()
             self._index = LRUIndex()
             self._free = []
+            self._leases.clear()
+            self._retired.clear()
