@@ -45,7 +45,7 @@ from .lazy_torch import torch
 from .ledger import Ledger, MemoryLedger
 from .metrics import Metrics
 from .stack import open_stack
-from .tiers.base import BlockEntry, Evicted, Tier
+from .tiers.base import BlockEntry, Evicted, Lender, Tier
 from .writeback import WriteBehind
 
 
@@ -587,7 +587,9 @@ class KVStore:
         """Stores the KV of full blocks of ``token_ids``; returns without waiting for slow I/O.
 
         Blocks are copied into the fast tiers and into the write-behind queues before this
-        returns, so the caller may reuse its buffers. ``flush()`` waits for the slow writes.
+        returns, so the caller may reuse its buffers: a block the host tier took is written to
+        the slow tiers from its slot there (leased until written), any other into a staging
+        slot of the queue. ``flush()`` waits for the slow writes.
 
         Args:
             token_ids: the prompt (and output) the blocks were computed for.
@@ -639,6 +641,7 @@ class KVStore:
         raw = self._block_nbytes()
         new = keys[start_block:end]
         stored = [False] * len(blocks)
+        lender = None  # a RAM tier in host memory that took the blocks
         for level, tier in enumerate(self.tiers):
             # A slow tier is touched first, so a held block still on it counts as held (its
             # write would store the same bytes); a fast tier after the insert, so that parents
@@ -651,6 +654,13 @@ class KVStore:
                                   EntryMeta(ns_id, start_block + j,
                                             keys[start_block + j - 1] if start_block + j else b"",
                                             now, now, raw)) for j in pos]
+            if tier.slow and lender is not None and copy:
+                # Written from the host tier's slots, leased until written: the block is
+                # copied once on this thread, not also into the write queue's staging.
+                for e in entries:
+                    got = lender.lease(e.key)
+                    if got is not None:
+                        e.block, e.release = got
             if entries:
                 ok = self._write_level(level, entries, now, copy)
                 for j, o in zip(pos, ok):
@@ -659,6 +669,8 @@ class KVStore:
                     self.metrics.add("stored_blocks", ok.count(True), tier=tier.name)
             if not tier.slow:
                 tier.touch_many(keys[:end], now)
+                if tier.device.type == "cpu" and isinstance(tier, Lender):
+                    lender = tier
         self.metrics.observe("put_seconds", time.perf_counter() - t0)
         return sum(stored)
 

@@ -60,7 +60,7 @@ def test_full_write_queue_drops_and_counts(open_store):
 
 
 def test_put_copies_the_blocks_unless_handed_over_with_copy_false(open_store):
-    s = open_store(host_bytes=0, io_threads=1)
+    s = open_store(host_bytes=0, write_queue_bytes=8 * block_nbytes(), io_threads=1)
     toks = list(range(3 * B))
     given, want = blocks_for(3), blocks_for(3)
     # The same values in non-contiguous memory: staged as a copy even with copy=False.
@@ -78,6 +78,29 @@ def test_put_copies_the_blocks_unless_handed_over_with_copy_false(open_store):
     staged = [sum(torch.equal(slot.view(torch.int16), w.view(torch.int16)) for slot in staging)
               for w in want]
     assert staged == [1, 0, 1]
+
+
+def test_the_disk_is_written_from_the_host_tiers_slots_without_a_second_copy(open_store, clock):
+    # put copies a block into the host tier; the write queue writes it from that slot (leased
+    # until written) instead of copying it again into its staging. A block the host tier has
+    # no room for (its two slots are leased) is staged as before.
+    s = open_store(host_bytes=2 * block_nbytes(), write_queue_bytes=8 * block_nbytes(), io_threads=1)
+    a, b = blocks_for(2), [make_block(100 + i) for i in range(2)]
+    ta, tb = list(range(2 * B)), list(range(10_000, 10_000 + 2 * B))
+    with s.tier("disk")._lock:  # the writer cannot store anything yet
+        assert s.put(ta, a) == 2
+        assert s.put(tb, b) == 2
+        assert s.tier("host").usage().entries == 2  # a's blocks: b's found no slot
+    assert s.flush()
+    staging = s._writers[s.tiers.index(s.tier("disk"))]._staging
+    staged = [sum(torch.equal(slot.view(torch.int16), w.view(torch.int16)) for slot in staging)
+              for w in a + b]
+    assert staged == [0, 0, 1, 1], "the host tier's blocks were copied into the staging too"
+    keys = s.match(ta).keys + s.match(tb).keys
+    outs = [torch.empty_like(x) for x in a + b]
+    assert s.tier("disk").get_many(keys, outs, clock()) == [True] * 4
+    assert same(outs, a + b)
+    assert s.put(tb, b) == 2 and s.tier("host").usage().entries == 2  # the leases were released
 
 
 def test_blocks_handed_over_still_count_against_the_write_queue(open_store):

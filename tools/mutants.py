@@ -108,6 +108,20 @@ MUTATIONS = (
           "1 << 30)"),),
         ("tests/test_writeback.py",), keyword="at_most_batch_max_bytes"),
     Mutation(
+        "slow_tiers_copy_what_the_host_tier_holds",
+        "the write queues write a block from its host-tier slot, not from a second copy",
+        (("kvstore/store.py",
+          "            if tier.slow and lender is not None and copy:",
+          "            if False:"),),
+        ("tests/test_pipeline.py",), keyword="host_tiers_slots"),
+    Mutation(
+        "leased_slot_reused",
+        "a host-tier slot leased to a write queue is not reused before its release",
+        (("kvstore/tiers/slab.py",
+          "            if slot in self._leases:\n                self._retired.add(slot)",
+          "            if False:\n                self._retired.add(slot)"),),
+        ("tests/tiers/test_slab.py",), keyword="keeps_its_block"),
+    Mutation(
         "lookups_before_decoding",
         "a disk load decodes while the next records are read, not after looking all of them up",
         (("kvstore/tiers/disk/tier.py",
