@@ -174,16 +174,16 @@ MUTATIONS = (
         "write_queue_never_drops",
         "put never waits for disk: a full write queue drops and counts the block",
         (("kvstore/writeback.py",
-          "                if not self._free or self._stop:\n",
+          "                if e.key in self._queued or not self._free or self._stop:\n",
           "                self._cond.wait_for(lambda: self._free or self._stop)\n"
-          "                if self._stop:\n"),),
+          "                if e.key in self._queued or self._stop:\n"),),
         ("tests/test_pipeline.py",), keyword="full_write_queue", timeout_s=40),
     Mutation(
         "put_keeps_the_callers_buffer",
         "put copies the blocks it queues (unless handed over): the caller may reuse its buffers",
         (("kvstore/writeback.py",
-          "                if e.block is not None and (copy or not plain_cpu(e.block)):\n",
-          "                if e.block is not None and not plain_cpu(e.block):\n"),),
+          "                if e.block is not None and e.release is None and (copy or not plain_cpu(e.block)):\n",
+          "                if e.block is not None and e.release is None and not plain_cpu(e.block):\n"),),
         ("tests/test_pipeline.py",), keyword="copy_false"),
     Mutation(
         "purge_skips_other_ram",
