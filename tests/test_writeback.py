@@ -15,7 +15,7 @@ from kvstore.writeback import WriteBehind
 
 from .conftest import make_block
 
-SHAPE = (4, 2, 2, 64, 64)  # 256 KiB of float16
+SHAPE = (4, 2, 2, 64, 64)  # 128 KiB of float16
 
 
 def test_a_large_put_is_written_in_batches_of_at_most_batch_max_bytes(tmp_path, monkeypatch):

@@ -3,9 +3,11 @@ one disk tier's map."""
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +91,13 @@ def big_blocks(n: int, seed: int) -> list[torch.Tensor]:
     return [make_block(seed + i, shape=BIG, dtype=torch.float16) for i in range(n)]
 
 
+def chain(blocks: list[torch.Tensor], base: int = 0) -> list[BlockEntry]:
+    """``blocks`` as one chain of entries, keys ``bytes([base + i]) * 16``, last used at 1.0."""
+    return [BlockEntry(bytes([base + i]) * 16, b, EntryMeta(1, i, bytes([base + i - 1]) * 16 if i else b"",
+                                                             0.0, 1.0, b.nbytes))
+            for i, b in enumerate(blocks)]
+
+
 def test_no_process_shrinks_the_data_file_under_another_processs_map(open_store, tmp_path, clock):
     # With writemap LMDB truncates the data file to the map size a process opens or remaps with.
     # This process keeps a map older (smaller) than the file another process grew: when it
@@ -137,9 +146,7 @@ def test_a_batch_that_overflows_the_map_grows_it_first_and_is_written_once(tmp_p
     blocks = big_blocks(24, 7)  # 3 MiB of records, none compressed
     size = tier.env.info()["map_size"]
     assert sum(b.nbytes for b in blocks) > size
-    entries = [BlockEntry(bytes([i]) * 16, b, EntryMeta(1, i, bytes([i - 1]) * 16 if i else b"",
-                                                        0.0, 1.0, b.nbytes))
-               for i, b in enumerate(blocks)]
+    entries = chain(blocks)
     assert tier.put_many(entries, 1.0) == [True] * 24
     assert tier.env.info()["map_size"] > size
     assert len(runs) == 1, f"the batch's transaction ran {len(runs)} times"
@@ -155,20 +162,15 @@ def test_a_writers_batches_are_encoded_into_one_reused_buffer(tmp_path):
     # where its first batch's did, and what was stored is what was encoded.
     tier = DiskTier(tmp_path, 256 << 20, 3600.0, Codec())
     first, second = big_blocks(4, 20), big_blocks(4, 40)
-
-    def entries(blocks, base):
-        return [BlockEntry(bytes([base + i]) * 16, b, EntryMeta(1, i, bytes([base + i - 1]) * 16 if i else b"",
-                                                                 0.0, 1.0, b.nbytes))
-                for i, b in enumerate(blocks)]
-    assert tier.put_many(entries(first, 0), 1.0) == [True] * 4
+    assert tier.put_many(chain(first), 1.0) == [True] * 4
     arena = tier._arena._local.buf
-    assert tier.put_many(entries(second, 100), 1.0) == [True] * 4
+    assert tier.put_many(chain(second, 100), 1.0) == [True] * 4
     assert tier._arena._local.buf is arena, "the second batch got a new buffer"
     with tier.env.reading() as txn:
         stored = bytes(txn.get(bytes([100]) * 16, db=tier._schema.records))
     assert bytes(arena[:len(stored)]) == stored, "the second batch's first record is not in the buffer"
     outs = [torch.empty_like(b) for b in second]
-    assert tier.get_many([e.key for e in entries(second, 100)], outs) == [True] * 4
+    assert tier.get_many([e.key for e in chain(second, 100)], outs) == [True] * 4
     assert all(torch.equal(o, b) for o, b in zip(outs, second))
     tier.close()
 
@@ -177,8 +179,7 @@ def test_a_record_larger_than_the_arena_is_stored_from_its_own_memory(tmp_path):
     tier = DiskTier(tmp_path, 256 << 20, 3600.0, Codec("none"))
     tier._arena = RecordArena(nbytes=big_blocks(1, 0)[0].nbytes + 1000)  # room for one record
     blocks = big_blocks(3, 60)
-    es = [BlockEntry(bytes([i]) * 16, b, EntryMeta(1, i, bytes([i - 1]) * 16 if i else b"", 0.0, 1.0, b.nbytes))
-          for i, b in enumerate(blocks)]
+    es = chain(blocks)
     assert tier.put_many(es, 1.0) == [True] * 3
     outs = [torch.empty_like(b) for b in blocks]
     assert tier.get_many([e.key for e in es], outs) == [True] * 3
@@ -187,9 +188,6 @@ def test_a_record_larger_than_the_arena_is_stored_from_its_own_memory(tmp_path):
 
 
 def test_the_record_arena_is_per_thread_aligned_and_reused_after_each_batch():
-    import threading
-
-    import numpy as np
     addr = lambda view: np.frombuffer(view, dtype=np.uint8).ctypes.data  # noqa: E731
     arena = RecordArena(nbytes=1 << 16)
     arena.batch()
