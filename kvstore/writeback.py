@@ -102,8 +102,9 @@ class WriteBehind:
         ok, unqueued = [], []
         with self._cond:
             for e in entries:
-                if e.key in self._queued or not self._free or self._stop:
-                    ok.append(e.key in self._queued)
+                queued = e.key in self._queued
+                if queued or not self._free or self._stop:
+                    ok.append(queued)  # a key queued already will be written
                     unqueued.append(e)
                     continue
                 slot = self._free.pop()

@@ -174,9 +174,9 @@ MUTATIONS = (
         "write_queue_never_drops",
         "put never waits for disk: a full write queue drops and counts the block",
         (("kvstore/writeback.py",
-          "                if e.key in self._queued or not self._free or self._stop:\n",
+          "                if queued or not self._free or self._stop:\n",
           "                self._cond.wait_for(lambda: self._free or self._stop)\n"
-          "                if e.key in self._queued or self._stop:\n"),),
+          "                if queued or self._stop:\n"),),
         ("tests/test_pipeline.py",), keyword="full_write_queue", timeout_s=40),
     Mutation(
         "put_keeps_the_callers_buffer",
