@@ -846,9 +846,11 @@ class KVStore:
         self._check_fork()
         self.metrics.add("flushes")
         done = all([w.flush(timeout) for w in self._writers.values()])
+        # Counters first: their commit carries the blocks' commits to the disk (env.py,
+        # metasync), so the disk tier's flush then has no sync of its own to wait for.
+        self.persist_counters()
         for tier in self.tiers:
             tier.flush()
-        self.persist_counters()
         return done
 
     def persist_counters(self) -> None:

@@ -101,6 +101,20 @@ MUTATIONS = (
           "self.codec.encode(e.block)"),),
         ("tests/tiers/test_disk.py",), keyword="reused_buffer"),
     Mutation(
+        "sync_skips_the_newest_commit",
+        "a sync goes to the disk for a durable commit no later commit carried",
+        (("kvstore/tiers/disk/env.py",
+          "self._synced = max(self._synced, t - 1)",
+          "self._synced = max(self._synced, t)"),),
+        ("tests/tiers/test_disk.py",), keyword="sync_goes"),
+    Mutation(
+        "flush_counters_after_the_tiers",
+        "a flush's counters commit carries its blocks to the disk, so no extra sync",
+        (("kvstore/store.py",
+          "        self.persist_counters()\n        for tier in self.tiers:\n            tier.flush()\n",
+          "        for tier in self.tiers:\n            tier.flush()\n        self.persist_counters()\n"),),
+        ("tests/tiers/test_disk.py",), keyword="counters_commit"),
+    Mutation(
         "write_batches_uncapped",
         "a large put is written in batches of at most BATCH_MAX_BYTES",
         (("kvstore/writeback.py",

@@ -202,3 +202,53 @@ def test_the_record_arena_is_per_thread_aligned_and_reused_after_each_batch():
     assert isinstance(arena.take(1 << 16), bytearray)  # no room left: fresh memory
     arena.batch()
     assert addr(arena.take(100)) == addr(a)  # the next batch starts over
+
+
+class SyncCount:
+    """Forwards to the real LMDB environment, counting the syncs asked of it (a commit's own
+    sync happens inside LMDB and is not counted)."""
+
+    def __init__(self, env):
+        self.env, self.n = env, 0
+
+    def sync(self, force: bool = False):
+        self.n += 1
+        return self.env.sync(force)
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def test_a_sync_goes_to_the_disk_only_for_commits_no_later_commit_carried(tmp_path):
+    # With writemap and metasync off, a commit's msync covers the whole map: it carries every
+    # earlier commit's meta page to the disk. flush's sync after such a commit was a second
+    # whole-file flush for nothing (a third of a small request's write cost on a full store).
+    tier = DiskTier(tmp_path, 256 << 20, 3600.0, Codec("none"))
+    spy = tier.env._env = SyncCount(tier.env._env)
+    counters = tier.env.dbs[b"counters"]
+    assert tier.put_many(chain(big_blocks(2, 0)), 1.0) == [True] * 2
+    tier.env.write(lambda txn: None)  # writes nothing: LMDB commits it without a sync
+    tier.env.sync()
+    assert spy.n == 1, "the blocks' commit was never synced"
+    tier.env.sync()
+    assert spy.n == 1, "a second sync with no commit between went to the disk"
+    assert tier.put_many(chain(big_blocks(2, 10), 10), 1.0) == [True] * 2
+    tier.env.write(lambda txn: txn.put(b"n", b"1", db=counters), durable=False)
+    tier.env.sync()
+    assert spy.n == 1, "the blocks' commit was synced again after a later commit carried it"
+    tier.env.write(lambda txn: txn.put(b"n", b"2", db=counters), durable=False)
+    tier.close()  # close leaves nothing of this process's off the disk
+    assert spy.n == 2, "close did not sync the newest commit"
+
+
+def test_a_stores_flush_lands_its_blocks_with_the_counters_commit_and_no_sync_of_its_own(open_store):
+    s = open_store(host_bytes=0)
+    env = s.tier("disk").env
+    spy = env._env = SyncCount(env._env)
+    blocks = [make_block(i) for i in range(4)]
+    assert s.put(np.arange(4 * B), torch.stack(blocks)) == 4
+    assert s.flush(60)
+    assert spy.n == 0, "flush synced after the counters' commit had carried the blocks"
+    assert s.ledger.counters()["stored_blocks|tier=disk"] == 4.0
+    got = s.get(s.match(np.arange(4 * B)))
+    assert len(got) == 4 and all(torch.equal(g, b) for g, b in zip(got, blocks))

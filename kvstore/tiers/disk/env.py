@@ -13,11 +13,15 @@ Every LMDB rule of the project lives in this module (the only one that imports `
   process shrinks the file under another's map;
 - ``reader_check()`` at open clears reader slots of killed processes;
 - never ``readahead=False`` (measured 30 MB/s cold);
-- ``metasync=False``: a commit syncs its data pages but not its meta page, which reaches the disk
-  with the next commit's sync or ``sync()`` (the store's ``flush``): one sync a commit instead of
-  two, and LMDB keeps the database consistent. A process crash loses nothing committed (the page
-  cache holds it); an OS crash can undo the last commit not followed by ``sync()``. Never
-  ``sync=False``: with writemap an OS crash could then corrupt the database, not just lose commits;
+- ``metasync=False``: a commit syncs its data pages but not its meta page: one sync a commit
+  instead of two, and LMDB keeps the database consistent. With writemap a commit's sync is an
+  ``msync`` of the whole map, made before it writes its own meta page, so it also carries every
+  earlier commit's meta page to the disk: only the newest commit waits for a later commit or
+  ``sync()``. ``sync()`` skips the disk when the commits that asked to be durable are on it
+  already (``write(durable=False)``: last-access times and counters, which a later commit
+  carries). A process crash loses nothing committed (the page cache holds it); an OS crash can
+  undo the newest commit not followed by ``sync()``. Never ``sync=False``: with writemap an OS
+  crash could then corrupt the database, not just lose commits;
 - the environment belongs to the process that opened it: a forked child reopens it;
 - every open holds ``open.lock`` shared for the environment's life; ``compact`` takes it
   exclusive, so a compaction never swaps the file under a process that maps it, and an open
@@ -207,6 +211,10 @@ class LMDBEnv:
     def _open(self) -> None:
         data = self.path / "data.mdb"
         self._gate = _RemapGate()
+        # LMDB transaction ids: this process's newest commit, its newest one that asked to be
+        # durable, and one that every commit up to is on the disk (meta page included). A forked
+        # child starts afresh: the parent syncs its own.
+        self._last = self._durable = self._synced = 0
         if self.readonly and (not data.exists() or data.stat().st_size < _META_PAGES):
             # Refused before LMDB sees it: opening would create a lock file beside it.
             raise StoreOpenError(f"{self.path}: cannot open the disk tier: no LMDB data file "
@@ -387,9 +395,13 @@ class LMDBEnv:
             self._remap(max(self._env.info()["map_size"], (self.path / "data.mdb").stat().st_size))
 
     # -- transactions ------------------------------------------------------------------------------
-    def write(self, fn: Callable[[lmdb.Transaction], object], room: int = 0) -> object:
+    def write(self, fn: Callable[[lmdb.Transaction], object], room: int = 0,
+              durable: bool = True) -> object:
         """Runs ``fn`` in a write transaction, growing the map on MapFullError. Call under
         ``lock``. ``fn`` may run more than once (an aborted transaction changed nothing).
+
+        ``durable=False``: ``sync()`` need not wait for this commit; the next commit (or
+        ``close``) carries it to the disk, and an OS crash before then may undo it.
 
         ``room``: about how many bytes of pages ``fn`` writes. When the map cannot hold them
         the map grows first: a transaction that fills the map is thrown away and run again
@@ -407,14 +419,30 @@ class LMDBEnv:
         for _ in range(32):
             try:
                 self._ensure_backed()
-                with self._gate.shared(), self._env.begin(write=True) as txn:
-                    return fn(txn)
+                with self._gate.shared():
+                    with self._env.begin(write=True) as txn:
+                        t = txn.id()
+                        out = fn(txn)
+                    self._committed(t, durable)
+                return out
             except lmdb.MapResizedError:
                 self._adopt_map()
             except lmdb.MapFullError:
                 if not self._grow():
                     raise
         raise lmdb.MapFullError("map could not be grown")  # pragma: no cover
+
+    def _committed(self, t: int, durable: bool) -> None:
+        """Notes commit ``t``. LMDB commits a transaction that wrote nothing without a sync or
+        a meta page (the newest id stays below ``t``); otherwise the commit with id ``t``
+        (ours, or another process's when ours was empty) synced the map before writing its own
+        meta page, carrying every earlier commit to the disk."""
+        if self._env.info()["last_txnid"] < t:
+            return
+        self._synced = max(self._synced, t - 1)
+        self._last = max(self._last, t)
+        if durable:
+            self._durable = max(self._durable, t)
 
     @contextlib.contextmanager
     def reading(self):
@@ -518,20 +546,30 @@ class LMDBEnv:
                 out[name.decode()] = txn.stat(db)["entries"]
         return out
 
-    def sync(self) -> None:
-        """Forces every commit so far, meta page included, to the disk (see ``metasync``).
+    def sync(self, everything: bool = False) -> None:
+        """Makes every commit of this process that asked to be durable (with ``everything``,
+        every commit) reach the disk, meta page included (see ``metasync``); no disk work when a
+        later commit's sync carried them.
 
         Raises lmdb.Error or OSError on an I/O fault."""
         if self.readonly:
             return
         with self.lock:
             self.check_pid()
+            if self._synced >= (self._last if everything else self._durable):
+                return
             with self._gate.shared():
+                newest = self._env.info()["last_txnid"]
                 self._env.sync(True)
+            self._synced = max(self._synced, newest)
 
     def close(self) -> None:
+        """Syncs this process's commits not on the disk yet (a fault is dropped: closing a
+        cache never fails), then closes."""
         with self.lock:
             if self._env is not None and self._pid == os.getpid():
+                with contextlib.suppress(lmdb.Error, OSError):
+                    self.sync(everything=True)
                 self._env.close()
             self._env = None
             if self._users is not None:

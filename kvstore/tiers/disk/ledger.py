@@ -38,13 +38,13 @@ class DiskLedger:
     _counters_db = property(lambda self: self.env.dbs[b"counters"])
     _settings_db = property(lambda self: self.env.dbs[b"settings"])
 
-    def _locked_write(self, fn) -> bool:
+    def _locked_write(self, fn, durable: bool = True) -> bool:
         if self.env.readonly:
             return False
         with self.env.lock:
             self.env.check_pid()
             try:
-                self.env.write(fn)
+                self.env.write(fn, durable=durable)
                 return True
             except (LMDBError, OSError):
                 self.metrics.add("io_errors", tier="disk")
@@ -109,7 +109,7 @@ class DiskLedger:
                 raw = txn.get(key, db=self._counters_db)
                 old = _F64.unpack(raw)[0] if raw else 0.0
                 txn.put(key, _F64.pack(old + delta), db=self._counters_db)
-        self._locked_write(txn_fn)
+        self._locked_write(txn_fn, durable=False)  # counters: the next commit carries them
 
     def counters(self) -> dict[str, float]:
         with self.env.reading() as txn:

@@ -110,13 +110,13 @@ class DiskTier:
         self.metrics.add("io_errors", tier=self.name)
         return "no_space" if isinstance(e, OSError) and e.errno in NO_SPACE else "io_error"
 
-    def _locked_write(self, fn: Callable, fallback: object) -> object:
-        """A write transaction under the lock; a fault (full disk, I/O error) is counted and
-        returns ``fallback``."""
+    def _locked_write(self, fn: Callable, fallback: object, durable: bool = True) -> object:
+        """A write transaction under the lock (``durable``: see ``LMDBEnv.write``); a fault
+        (full disk, I/O error) is counted and returns ``fallback``."""
         with self._lock:
             self.env.check_pid()
             try:
-                return self.env.write(fn)
+                return self.env.write(fn, durable=durable)
             except (LMDBError, OSError) as e:
                 self._count_fault(e)
                 return fallback
@@ -359,8 +359,11 @@ class DiskTier:
                 self._pending[key] = now
 
     def flush(self) -> None:
-        """Writes pending last-access times (one write transaction), then syncs every commit so
-        far to the disk: what was committed before ``flush`` survives an OS crash. An I/O fault
+        """Writes pending last-access times (one write transaction), then syncs: every block
+        stored, removed or pinned before ``flush`` survives an OS crash. The last-access times
+        are not waited for: the next commit, or ``close``, carries them to the disk (an OS crash
+        before then makes those blocks look older, nothing else). No disk work when a later
+        commit (the store's counters, written first) carried the blocks already. An I/O fault
         is counted, never raised."""
         if self.readonly:
             return
@@ -371,7 +374,7 @@ class DiskTier:
             def txn_fn(txn):
                 self._apply_touches(txn, touches)
                 return True
-            if touches and self._locked_write(txn_fn, False):
+            if touches and self._locked_write(txn_fn, False, durable=False):
                 self._forget_touches(touches)
             try:
                 self.env.sync()
