@@ -252,3 +252,41 @@ def test_a_stores_flush_lands_its_blocks_with_the_counters_commit_and_no_sync_of
     assert s.ledger.counters()["stored_blocks|tier=disk"] == 4.0
     got = s.get(s.match(np.arange(4 * B)))
     assert len(got) == 4 and all(torch.equal(g, b) for g, b in zip(got, blocks))
+
+
+def random_access_maps(path: Path) -> list[bool]:
+    """For each of this process's mappings of ``path``: whether it is advised MADV_RANDOM
+    (``rr`` among its ``VmFlags`` in /proc/self/smaps)."""
+    out, name = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if head and "-" in head[0] and ":" not in head[0]:
+                name = head[5].strip() if len(head) == 6 else None
+            elif head and head[0] == "VmFlags:" and name == str(path.resolve()):
+                out.append("rr" in line.split())
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps (Linux)")
+def test_small_blocks_map_the_file_for_random_access_through_growth_and_large_blocks_do_not(open_store, tmp_path):
+    # A fault read around into large folios (on kernels with large folios for ext4 and xfs),
+    # and a commit's sync wrote each dirtied folio back whole: 28 pages a 64-byte block stored
+    # on a full store. Small blocks' records live inside LMDB's leaf pages: random pages.
+    store = open_store("small", block_shape=(32,), dtype="bfloat16", host_bytes=0)
+    data = store.tier("disk").path / "data.mdb"
+    assert random_access_maps(data) == [True], "a store of 64-byte blocks maps its file with readahead"
+    (tmp_path / "tier").mkdir()
+    tier = DiskTier(tmp_path / "tier", 256 << 20, 3600.0, Codec())
+    tier.configure((32,), torch.bfloat16)
+    size = tier.env.info()["map_size"]
+    entries = [BlockEntry(i.to_bytes(16, "big"), make_block(i, shape=(32,)), EntryMeta(1, 0, b"", 0.0, 1.0, 64))
+               for i in range(20_000)]
+    assert all(tier.put_many(entries, 1.0))
+    assert tier.env.info()["map_size"] > size
+    assert random_access_maps(tier.path / "data.mdb") == [True], "the grown map lost its advice"
+    tier.close()
+    large = open_store("large", host_bytes=0, disk_bytes=64 << 20)
+    large.put(np.arange(B), big_blocks(1, 0)[0][None])
+    assert random_access_maps(large.tier("disk").path / "data.mdb") == [False], \
+        "a store of large blocks gave up its readahead"

@@ -47,6 +47,7 @@ from pathlib import Path
 import lmdb
 
 from ...errors import IncompatibleFormatError, StoreBusyError, StoreOpenError
+from .readahead import advise_random
 
 LMDBError = lmdb.Error  # what a transaction raises for a fault inside LMDB
 DISK_FORMAT_VERSION = 1
@@ -146,6 +147,7 @@ class LMDBEnv:
         self._after_fork: list[Callable[[], None]] = []
         self._env: lmdb.Environment | None = None
         self._pid = -1
+        self.random_access = False  # see access_randomly
         self._users = self._hold_open_lock()
         try:
             self._open()
@@ -233,6 +235,7 @@ class LMDBEnv:
             except lmdb.Error as e:
                 raise StoreOpenError(f"{self.path}: cannot open the disk tier: {e}") from None
             self._env, self._pid, self._backed = env, os.getpid(), 0
+            self._advise()
             if not self.readonly and not size:
                 try:
                     self._ensure_backed()
@@ -388,6 +391,22 @@ class LMDBEnv:
     def _remap(self, size: int) -> None:
         with self._gate.exclusive():
             self._env.set_mapsize(size)
+            self._advise()  # LMDB mapped the file anew
+
+    # -- access advice -----------------------------------------------------------------------------
+    def access_randomly(self) -> None:
+        """From now on this process maps the data file with ``MADV_RANDOM``, for a store whose
+        records all live inside LMDB's leaf pages (small blocks): every access is then one page
+        at a random place. Without it a fault reads around its page into a large folio, and a
+        commit's sync writes back every folio it dirtied whole: 28 pages a 64-byte block stored
+        on a full store, against 4.2 (docs/benchmarks.md). Not for large records: their
+        readahead would go (cold loads measured at 0.13 GB/s, against 1.15)."""
+        self.random_access = True
+        self._advise()
+
+    def _advise(self) -> None:
+        if self.random_access and self._env is not None:
+            advise_random((self.path / "data.mdb").resolve())
 
     def _adopt_map(self) -> None:
         """Maps the size another process grew the file to (the file size: never less)."""

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-_MADV_WILLNEED = 3  # the same value on Linux and the BSDs
+_MADV_RANDOM, _MADV_WILLNEED = 1, 3  # the same values on Linux and the BSDs
 _PAGE = mmap.PAGESIZE
 CHUNK = 256 << 10  # bytes a call; the smallest common read_ahead_kb is 128 KiB, max_sectors_kb larger
 
@@ -78,3 +78,27 @@ def will_need(views: Iterable) -> None:
             continue
         for first in range(head, end, CHUNK):
             _madvise_fn(first, min(CHUNK, end - first), _MADV_WILLNEED)
+
+
+def advise_random(path) -> int:
+    """Advises ``MADV_RANDOM`` on this process's mappings of the file at ``path`` (found in
+    ``/proc/self/maps``): the kernel then faults in a page alone, where it would read around it
+    into a large folio (up to 2 MiB) that a write to any of its pages dirties, and a sync writes
+    back, whole. Returns how many mappings were advised (0 where there is no ``/proc``).
+
+    Advisory only: errors are ignored."""
+    if _madvise_fn is None:
+        return 0
+    name = str(path)
+    try:
+        with open("/proc/self/maps") as f:
+            spans = [line.split(None, 5) for line in f]
+    except OSError:
+        return 0
+    n = 0
+    for span in spans:
+        if len(span) == 6 and span[5].rstrip("\n") == name:
+            start, end = (int(x, 16) for x in span[0].split("-"))
+            n += _madvise_fn(start, end - start, _MADV_RANDOM) == 0
+    return n
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,6 +40,9 @@ READ_FAULTS = (LMDBError, OSError)
 # docs/benchmarks.md); more only holds more pages in flight.
 READ_AHEAD = 2 << 20
 PAGE = 4096  # what a record may take beyond its bytes (its last page), for the room a batch asks
+# Blocks of at most this many raw bytes: their records (at most the raw bytes and a header of
+# about 130) stay inside LMDB's leaf pages, which hold a value of up to about 2,000 bytes.
+SMALL_BLOCK_BYTES = 1 << 10
 
 
 class DiskTier:
@@ -102,7 +106,10 @@ class DiskTier:
             self._set_budget(int(json.loads(bytes(cap))), float(json.loads(bytes(ttl))))
 
     def configure(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        pass  # records are self-describing: any layout
+        # Records are self-describing: any layout. Small blocks' records live inside LMDB's
+        # leaf pages, so the map is read and written a page at a time (LMDBEnv.access_randomly).
+        if math.prod(block_shape) * dtype.itemsize <= SMALL_BLOCK_BYTES:
+            self.env.access_randomly()
 
     # -- write helpers -----------------------------------------------------------------------
     def _count_fault(self, e: Exception) -> str:
