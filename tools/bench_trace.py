@@ -25,9 +25,10 @@ Figures:
 - hit rate (hit tokens / prompt tokens) beside an exact LRU of ``C`` blocks simulated in the same
   run over the same block sequence (every block of a prompt touched at once, parents newest,
   hits only as a leading run): ratio target >= 0.99;
-- the raw limit: a raw LMDB environment with the store's flags (writemap, metasync off) given the
-  same number of records of the same length per request (random 16-byte keys, like the store's
-  hashes), one transaction, commit, ``sync``; it only grows (no eviction, no metadata).
+- the raw limit: a raw LMDB environment with the store's flags (writemap, metasync off, and the
+  small blocks' MADV_RANDOM) given the same number of records of the same length per request
+  (random 16-byte keys, like the store's hashes), one transaction, commit, ``sync``; it only
+  grows (no eviction, no metadata).
 """
 
 from __future__ import annotations
@@ -151,10 +152,11 @@ def _windows(costs: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
 
 def raw_lmdb_writes(counts: list[int], record_len: int, d: Path) -> np.ndarray:
     """Seconds per request for ``counts[i]`` raw LMDB puts of ``record_len`` bytes, one
-    transaction, commit (its data pages synced), then ``sync`` (its meta page): the store's flags."""
+    transaction, commit (its data pages synced), then ``sync`` (its meta page): the store's flags,
+    and its map advice for small blocks (``readahead=False``: LMDB advises MADV_RANDOM)."""
     d.mkdir()
     env = lmdb.open(str(d), map_size=max(64 * MiB, 4 * sum(counts) * (record_len + 64)),
-                    writemap=True, metasync=False, sync=True)
+                    writemap=True, metasync=False, sync=True, readahead=False)
     value = os.urandom(record_len)
     rng = np.random.default_rng(0)
     out = np.zeros(len(counts))

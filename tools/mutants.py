@@ -115,6 +115,13 @@ MUTATIONS = (
           "        for tier in self.tiers:\n            tier.flush()\n        self.persist_counters()\n"),),
         ("tests/tiers/test_disk.py",), keyword="counters_commit"),
     Mutation(
+        "small_blocks_read_around",
+        "a store of small blocks maps its data file with MADV_RANDOM, through every remap",
+        (("kvstore/tiers/disk/env.py",
+          "            self._advise()  # LMDB mapped the file anew\n",
+          ""),),
+        ("tests/tiers/test_disk.py",), keyword="random_access"),
+    Mutation(
         "write_batches_uncapped",
         "a large put is written in batches of at most BATCH_MAX_BYTES",
         (("kvstore/writeback.py",

@@ -12,7 +12,8 @@ Every LMDB rule of the project lives in this module (the only one that imports `
   so opening and every map change hold ``resize.lock`` and never map less than the file: no
   process shrinks the file under another's map;
 - ``reader_check()`` at open clears reader slots of killed processes;
-- never ``readahead=False`` (measured 30 MB/s cold);
+- never ``readahead=False`` (measured 30 MB/s cold); a store of small blocks advises
+  ``MADV_RANDOM`` itself (``access_randomly``), re-advised after LMDB maps anew;
 - ``metasync=False``: a commit syncs its data pages but not its meta page: one sync a commit
   instead of two, and LMDB keeps the database consistent. With writemap a commit's sync is an
   ``msync`` of the whole map, made before it writes its own meta page, so it also carries every

@@ -1,4 +1,5 @@
-"""Readahead for cold records: ask the kernel for a record's pages before decoding it.
+"""How the kernel reads the data file: ask it for a cold record's pages before decoding it
+(``will_need``), and for one page at a time on a small-block store's map (``advise_random``).
 
 A record read straight from LMDB's memory map is otherwise faulted in by the decoding thread,
 a read-around at a time, each one a synchronous disk round trip. ``madvise(WILLNEED)`` queues
