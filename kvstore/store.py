@@ -840,7 +840,8 @@ class KVStore:
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until every block put so far is in every slow tier, durable and visible to
         other processes, and writes pending last-access times and this process's counters (so
-        ``kvstore stats`` sees lifetime hits and misses). False if ``timeout`` ran out."""
+        ``kvstore stats`` sees lifetime hits and misses; those two reach the disk with the next
+        commit or ``close``). False if ``timeout`` ran out."""
         if self._closed or self.readonly:
             return True
         self._check_fork()
