@@ -102,4 +102,3 @@ def advise_random(path) -> int:
             start, end = (int(x, 16) for x in span[0].split("-"))
             n += _madvise_fn(start, end - start, _MADV_RANDOM) == 0
     return n
-
