@@ -70,14 +70,23 @@ def test_keys_are_stable_across_processes_and_hash_seeds():
     assert len(here[0]) == 32
 
 
-def test_keys_follow_the_documented_formula():
+def test_keys_follow_the_documented_formula_and_a_group_shares_its_first_keys_leading_bytes():
     import struct
 
     import xxhash
-    toks = list(range(300, 300 + 128))
-    h = xxhash.xxh3_128_digest(b"kvstore/namespace/v1\x00" + b"ns")
+    g, lead = keys.GROUP_BLOCKS, keys.LEAD_BYTES
+    n = 2 * g + 3  # two whole groups and the start of a third
+    toks = list(range(300, 300 + 64 * n))
+    k = xxhash.xxh3_128_digest(b"kvstore/namespace/v1\x00" + b"ns")
     expect = []
-    for i in range(2):
-        h = xxhash.xxh3_128_digest(h + struct.pack("<64I", *toks[64 * i:64 * i + 64]))
-        expect.append(h)
-    assert keys.block_keys("ns", toks, 64) == expect
+    for i in range(n):
+        d = xxhash.xxh3_128_digest(k + struct.pack("<64I", *toks[64 * i:64 * i + 64]))
+        k = d if i % g == 0 else expect[i - i % g][:lead] + d[lead:]
+        expect.append(k)
+    got = keys.block_keys("ns", toks, 64)
+    assert got == expect
+    # What the disk tier relies on: a group's keys sort together, the next group starts afresh.
+    starts = {key[:lead] for key in got[::g]}
+    assert len(starts) == 3
+    assert all(got[i][:lead] == got[i - i % g][:lead] for i in range(n))
+    assert len({key[lead:] for key in got}) == n

@@ -179,6 +179,11 @@ MUTATIONS = (
         (("kvstore/keys.py", "    if tenant_salt:\n", "    if False:\n"),),
         ("tests/test_keys.py",), keyword="tenant"),
     Mutation(
+        "keys_not_grouped",
+        "the keys of a group of blocks share their first key's leading bytes (they sort together)",
+        (("kvstore/keys.py", "            h = lead + h[LEAD_BYTES:]\n", "            pass\n"),),
+        ("tests/test_keys.py",), keyword="group"),
+    Mutation(
         "fallocate_skipped",
         "a full disk drops writes (no SIGBUS): the file is allocated before the map grows",
         (("kvstore/tiers/disk/env.py", "        os.posix_fallocate(fd, 0, nbytes)\n",
