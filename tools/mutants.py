@@ -179,6 +179,11 @@ MUTATIONS = (
         (("kvstore/keys.py", "    if tenant_salt:\n", "    if False:\n"),),
         ("tests/test_keys.py",), keyword="tenant"),
     Mutation(
+        "closed_store_keeps_its_staging",
+        "a closed store gives its write-queue memory back at once, not when the GC collects it",
+        (("kvstore/writeback.py", "        self._staging = self._staging[:0].clone()\n", "        pass\n"),),
+        ("tests/test_store.py",), keyword="write_queue_memory"),
+    Mutation(
         "keys_not_grouped",
         "the keys of a group of blocks share their first key's leading bytes (they sort together)",
         (("kvstore/keys.py", "            h = lead + h[LEAD_BYTES:]\n", "            pass\n"),),
